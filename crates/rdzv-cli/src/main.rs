@@ -1,0 +1,53 @@
+//! The `rdzv` command.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// Elastic rendezvous and launcher for distributed training jobs over etcd v3.
+#[derive(Debug, Parser)]
+#[command(name = "rdzv", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a local etcd on free loopback ports; print its endpoint (host:port) on the first
+    /// line of standard output; stop cleanly on Ctrl-C or SIGTERM.
+    Etcd(cmd::etcd::EtcdArgs),
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RDZV_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rdzv: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Etcd(args) => cmd::etcd::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rdzv: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
