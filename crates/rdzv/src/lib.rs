@@ -27,5 +27,7 @@ pub use endpoint::{parse_endpoint, parse_endpoints, Endpoint, EndpointError};
 pub use error::RendezvousError;
 pub use handler::{MembershipEvent, RendezvousHandler, RendezvousInfo};
 pub use parameters::{parse_config, ParameterError, RendezvousParameters};
-pub use registry::{create_handler, default_registry, HandlerCreator, HandlerRegistry, RegistryError};
+pub use registry::{
+    create_handler, default_registry, HandlerCreator, HandlerRegistry, RegistryError,
+};
 pub use store::Store;

@@ -1,5 +1,42 @@
 //! The `etcd` backend: connection options, the rendezvous, the store and a local server helper.
+//!
+//! One module per concern: [`options`] (configuration and connecting), [`client`] (request
+//! counting and error mapping), [`keys`] (the key layout), [`records`] (what is stored),
+//! [`ranks`] (member selection and rank assignment, pure), [`lease`] (keep-alive),
+//! [`watch`] (a watch that recovers from compaction), [`rendezvous`] (the handler),
+//! [`store`] (the round's key-value store) and [`server`] (a throw-away etcd).
 
+pub mod client;
+pub mod keys;
+pub mod lease;
+mod monitor;
+pub mod options;
+pub mod ranks;
+pub mod records;
+pub mod rendezvous;
 pub mod server;
+pub mod store;
+pub mod watch;
 
-pub use server::{find_etcd_binary, EtcdCluster, EtcdServer, EtcdServerError};
+use std::sync::Arc;
+
+pub use client::{EtcdClient, RequestStats, StatsSnapshot};
+pub use options::{ConnectionOptions, RendezvousSettings, DEFAULT_ETCD_PORT};
+pub use rendezvous::EtcdRendezvousHandler;
+pub use server::{
+    find_etcd_binary, find_etcd_binary_from, EtcdCluster, EtcdServer, EtcdServerError,
+    EtcdServerOptions, ETCD_BINARY_ENV,
+};
+pub use store::EtcdStore;
+
+use crate::{HandlerCreator, RendezvousHandler};
+
+/// The creator the registry uses for the `etcd` backend.
+pub fn handler_creator() -> HandlerCreator {
+    Arc::new(|params| {
+        Box::pin(async move {
+            let handler = EtcdRendezvousHandler::connect(&params).await?;
+            Ok(Arc::new(handler) as Arc<dyn RendezvousHandler>)
+        })
+    })
+}

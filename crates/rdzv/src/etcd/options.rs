@@ -1,0 +1,292 @@
+//! The etcd backend's settings, read from [`RendezvousParameters`], and connecting to etcd.
+//!
+//! Configuration keys (all optional):
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `protocol` | `http` | `http` or `https` for endpoints given without a scheme |
+//! | `cacert`, `cert`, `key` | – | PEM files for TLS (server CA; client certificate and key) |
+//! | `username`, `password` | – | etcd authentication |
+//! | `connect_timeout` | `5s` | bound on connecting to etcd |
+//! | `etcd_prefix` | `/rdzv` | key prefix; a run lives under `<prefix>/<run_id>/` |
+//! | `timeout` | `600s` | bound on one `next_rendezvous()` |
+//! | `last_call_timeout` | `30s` | wait after `min_nodes` have joined, for more to come |
+//! | `keep_alive_ttl` | `10s` | TTL of a node's lease; renewed every third of it |
+//! | `retention` | `1h` | how long a run's keys outlive its last node |
+//! | `store_timeout` | `300s` | default bound on blocking store operations |
+//! | `node_rank` | – | a hint for this node's place in the first round's rank order |
+//!
+//! Durations are seconds (`30`, `1.5`) or humantime (`30s`, `2m`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+
+use crate::endpoint::{parse_endpoints, Endpoint, Scheme};
+use crate::{ParameterError, RendezvousError, RendezvousParameters};
+
+/// The default etcd client port.
+pub const DEFAULT_ETCD_PORT: u16 = 2379;
+
+/// How to connect to etcd.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    /// The cluster's endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// Scheme for endpoints given without one.
+    pub protocol: Scheme,
+    /// CA certificate (PEM file).
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (PEM file).
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM file).
+    pub key: Option<PathBuf>,
+    /// etcd user name.
+    pub username: Option<String>,
+    /// etcd password (never logged).
+    pub password: Option<String>,
+    /// Bound on connecting.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for ConnectionOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionOptions")
+            .field("endpoints", &self.urls())
+            .field("cacert", &self.cacert)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// The rendezvous protocol's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RendezvousSettings {
+    /// Key prefix, without trailing `/`.
+    pub prefix: String,
+    /// Bound on one `next_rendezvous()`.
+    pub timeout: Duration,
+    /// Wait after `min_nodes` have joined.
+    pub last_call_timeout: Duration,
+    /// TTL of a node's lease.
+    pub keep_alive_ttl: Duration,
+    /// TTL of the run lease.
+    pub retention: Duration,
+    /// Default bound on blocking store operations.
+    pub store_timeout: Duration,
+    /// Rank-order hint.
+    pub node_rank: Option<u64>,
+    /// Minimum nodes per round.
+    pub min_nodes: usize,
+    /// Maximum nodes per round.
+    pub max_nodes: usize,
+}
+
+fn duration(
+    params: &RendezvousParameters,
+    key: &str,
+    default: Duration,
+) -> Result<Duration, ParameterError> {
+    Ok(params.get_duration(key)?.unwrap_or(default))
+}
+
+fn path(params: &RendezvousParameters, key: &str) -> Option<PathBuf> {
+    params.get(key).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+impl ConnectionOptions {
+    /// Reads the connection options from parameters.
+    ///
+    /// # Errors
+    /// [`RendezvousError::Parameters`] for a bad endpoint, protocol, duration, or TLS/auth
+    /// options given only in part (`cert` without `key`, `username` without `password`).
+    pub fn from_parameters(params: &RendezvousParameters) -> Result<Self, RendezvousError> {
+        let bad = |key: &str, reason: String| RendezvousError::InvalidConfig {
+            key: key.to_string(),
+            reason,
+        };
+        let protocol = match params
+            .get("protocol")
+            .map(|p| p.trim().to_ascii_lowercase())
+        {
+            None => Scheme::Http,
+            Some(p) if p == "http" => Scheme::Http,
+            Some(p) if p == "https" => Scheme::Https,
+            Some(p) => return Err(bad("protocol", format!("'{p}' is neither http nor https"))),
+        };
+        let endpoints = parse_endpoints(&params.endpoint, DEFAULT_ETCD_PORT)
+            .map_err(|e| bad("endpoint", e.to_string()))?;
+        let options = Self {
+            endpoints,
+            protocol,
+            cacert: path(params, "cacert"),
+            cert: path(params, "cert"),
+            key: path(params, "key"),
+            username: params.get("username").map(str::to_string),
+            password: params.get("password").map(str::to_string),
+            connect_timeout: duration(params, "connect_timeout", Duration::from_secs(5))?,
+        };
+        if options.cert.is_some() != options.key.is_some() {
+            return Err(bad(
+                "cert",
+                "`cert` and `key` must be given together".into(),
+            ));
+        }
+        if options.username.is_some() != options.password.is_some() {
+            return Err(bad(
+                "username",
+                "`username` and `password` must be given together".into(),
+            ));
+        }
+        if options.connect_timeout.is_zero() {
+            return Err(bad("connect_timeout", "must be greater than zero".into()));
+        }
+        Ok(options)
+    }
+
+    /// Options for plain-HTTP endpoints.
+    ///
+    /// # Errors
+    /// [`RendezvousError::Parameters`] for a bad endpoint list.
+    pub fn plain(endpoints: &str) -> Result<Self, RendezvousError> {
+        let params = RendezvousParameters::new("etcd", endpoints, "x", 1, 1)?;
+        Self::from_parameters(&params)
+    }
+
+    /// The endpoints as URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.endpoints
+            .iter()
+            .map(|e| e.url(self.protocol))
+            .collect()
+    }
+
+    fn uses_tls(&self) -> bool {
+        self.cacert.is_some()
+            || self.cert.is_some()
+            || self.urls().iter().any(|u| u.starts_with("https://"))
+    }
+
+    fn tls(&self) -> Result<TlsOptions, RendezvousError> {
+        let read = |key: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| RendezvousError::InvalidConfig {
+                key: key.to_string(),
+                reason: format!("cannot read {}: {e}", p.display()),
+            })
+        };
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &self.cacert {
+            tls = tls.ca_certificate(Certificate::from_pem(read("cacert", ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            tls = tls.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
+        }
+        Ok(tls)
+    }
+
+    /// Connects and checks that etcd answers (and accepts our credentials), all within
+    /// `connect_timeout`.
+    ///
+    /// # Errors
+    /// [`RendezvousError::Connection`] if etcd is unreachable, does not answer in time or refuses
+    /// us; [`RendezvousError::Parameters`] if a TLS file cannot be read.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn connect(&self) -> Result<Client, RendezvousError> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(self.connect_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if self.uses_tls() {
+            options = options.with_tls(self.tls()?);
+        }
+        if let (Some(user), Some(password)) = (&self.username, &self.password) {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        let urls = self.urls();
+        let described = urls.join(",");
+        let attempt = async {
+            let client = Client::connect(&urls, Some(options))
+                .await
+                .map_err(|e| super::client::map_err(&format!("connecting to {described}"), e))?;
+            // The connection is lazy: ask something to know that etcd answers.
+            client
+                .kv_client()
+                .get("/", Some(etcd_client::GetOptions::new().with_count_only()))
+                .await
+                .map_err(|e| super::client::map_err(&format!("talking to {described}"), e))?;
+            Ok::<_, RendezvousError>(client)
+        };
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(RendezvousError::Connection(format!(
+                "etcd at {described} did not answer within {:?}",
+                self.connect_timeout
+            ))),
+        }
+    }
+}
+
+impl RendezvousSettings {
+    /// Reads the protocol settings from parameters.
+    ///
+    /// # Errors
+    /// [`RendezvousError::Parameters`] for a malformed value, a zero timeout or TTL, or a prefix
+    /// that is not an absolute key path.
+    pub fn from_parameters(params: &RendezvousParameters) -> Result<Self, RendezvousError> {
+        let bad = |key: &str, reason: &str| RendezvousError::InvalidConfig {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        };
+        let prefix = params.get_str("etcd_prefix", "/rdzv");
+        let prefix = prefix.trim_end_matches('/').to_string();
+        if !params.get_str("etcd_prefix", "/rdzv").starts_with('/') {
+            return Err(bad("etcd_prefix", "must start with '/'"));
+        }
+        let settings = Self {
+            prefix,
+            timeout: duration(params, "timeout", Duration::from_secs(600))?,
+            last_call_timeout: duration(params, "last_call_timeout", Duration::from_secs(30))?,
+            keep_alive_ttl: duration(params, "keep_alive_ttl", Duration::from_secs(10))?,
+            retention: duration(params, "retention", Duration::from_secs(3600))?,
+            store_timeout: duration(params, "store_timeout", Duration::from_secs(300))?,
+            node_rank: match params.get_int("node_rank")? {
+                Some(r) if r < 0 => return Err(bad("node_rank", "must not be negative")),
+                r => r.map(|r| r as u64),
+            },
+            min_nodes: params.min_nodes,
+            max_nodes: params.max_nodes,
+        };
+        if settings.timeout.is_zero() {
+            return Err(bad("timeout", "must be greater than zero"));
+        }
+        if settings.keep_alive_ttl < Duration::from_secs(2) {
+            return Err(bad("keep_alive_ttl", "must be at least 2 seconds"));
+        }
+        if settings.retention < settings.keep_alive_ttl {
+            return Err(bad("retention", "must be at least keep_alive_ttl"));
+        }
+        Ok(settings)
+    }
+
+    /// The node lease TTL in whole seconds (rounded up).
+    pub fn keep_alive_ttl_secs(&self) -> i64 {
+        secs_ceil(self.keep_alive_ttl)
+    }
+
+    /// The run lease TTL in whole seconds (rounded up).
+    pub fn retention_secs(&self) -> i64 {
+        secs_ceil(self.retention)
+    }
+}
+
+fn secs_ceil(d: Duration) -> i64 {
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    i64::try_from(s).unwrap_or(i64::MAX).max(1)
+}

@@ -1,0 +1,173 @@
+//! The JSON records rdzv stores in etcd, with a schema version, and their strict decoding:
+//! anything under our prefix that we did not write gives a state error naming the key.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::RendezvousError;
+
+/// The schema version of every record.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What a node publishes when it joins a round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Schema version.
+    pub v: u32,
+    /// Unique per handler (process).
+    pub node_id: String,
+    /// Host name.
+    pub hostname: String,
+    /// Advertised addresses, most preferred first.
+    pub addrs: Vec<String>,
+    /// Rank-order hint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_rank: Option<u64>,
+    /// Rank in the previous round, if this node was a member of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_rank: Option<usize>,
+    /// Process id.
+    pub pid: u32,
+}
+
+/// The summary of a completed round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalRecord {
+    /// Schema version.
+    pub v: u32,
+    /// The round.
+    pub round: u64,
+    /// Number of members.
+    pub world_size: usize,
+    /// Random token shared by this round's assignments.
+    pub token: String,
+    /// The etcd revision at which the finaliser read the members.
+    pub members_revision: i64,
+    /// The node that finalised.
+    pub finalizer: String,
+}
+
+/// A member's rank.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Schema version.
+    pub v: u32,
+    /// Rank in `0..world_size`.
+    pub rank: usize,
+    /// Number of members.
+    pub world_size: usize,
+    /// Must equal the [`FinalRecord::token`].
+    pub token: String,
+}
+
+/// The last-call marker: the round completes at `deadline_ms` with whoever joined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastCall {
+    /// Schema version.
+    pub v: u32,
+    /// Completion time, milliseconds since the Unix epoch.
+    pub deadline_ms: u64,
+    /// The node that will finalise the round (others take over if it does not).
+    pub writer: String,
+}
+
+/// The closed marker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClosedRecord {
+    /// Schema version.
+    pub v: u32,
+    /// Who closed the run.
+    pub by: String,
+    /// When, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// A finaliser's claim on a large round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// Schema version.
+    pub v: u32,
+    /// The claiming node.
+    pub node_id: String,
+    /// The token its assignments carry.
+    pub token: String,
+}
+
+/// Serialises a record.
+pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    // Our records are plain structs of strings and numbers: serialisation cannot fail.
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+/// Decodes the record stored at `key`.
+///
+/// # Errors
+/// [`RendezvousError::State`] naming the key if the bytes are not such a record or carry an
+/// unknown schema version.
+pub fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, RendezvousError> {
+    let key = String::from_utf8_lossy(key);
+    let json: serde_json::Value = serde_json::from_slice(value).map_err(|e| {
+        RendezvousError::State(format!(
+            "key '{key}' does not hold an rdzv record ({e}); was it written by something else?"
+        ))
+    })?;
+    match json.get("v").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(SCHEMA_VERSION) => {}
+        Some(v) => {
+            return Err(RendezvousError::State(format!(
+                "key '{key}' holds schema version {v}; this rdzv understands {SCHEMA_VERSION}"
+            )))
+        }
+        None => {
+            return Err(RendezvousError::State(format!(
+                "key '{key}' holds JSON without an rdzv schema version"
+            )))
+        }
+    }
+    serde_json::from_value(json).map_err(|e| {
+        RendezvousError::State(format!("key '{key}' holds a malformed rdzv record: {e}"))
+    })
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_json_names_the_key() {
+        let err = decode::<FinalRecord>(b"/p/r/1/ctl/final", b"{not json").unwrap_err();
+        assert!(matches!(&err, RendezvousError::State(m) if m.contains("/p/r/1/ctl/final")));
+    }
+
+    #[test]
+    fn unknown_schema_version_is_a_state_error() {
+        let err =
+            decode::<LastCall>(b"k", br#"{"v":99,"deadline_ms":1,"writer":"x"}"#).unwrap_err();
+        assert!(matches!(&err, RendezvousError::State(m) if m.contains("version 99")));
+    }
+
+    #[test]
+    fn missing_fields_are_a_state_error() {
+        let err = decode::<Assignment>(b"k", br#"{"v":1,"rank":1}"#).unwrap_err();
+        assert!(matches!(&err, RendezvousError::State(m) if m.contains("malformed")));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let a = Assignment {
+            v: SCHEMA_VERSION,
+            rank: 3,
+            world_size: 4,
+            token: "t".into(),
+        };
+        assert_eq!(decode::<Assignment>(b"k", &encode(&a)).unwrap(), a);
+    }
+}
