@@ -17,6 +17,13 @@ enum Command {
     /// Start a local etcd on free loopback ports; print its endpoint (host:port) on the first
     /// line of standard output; stop cleanly on Ctrl-C or SIGTERM.
     Etcd(cmd::etcd::EtcdArgs),
+    /// Join the next round once and print RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, RUN_ID
+    /// and ROUND as shell assignments (or JSON), for `eval "$(rdzv join ...)"`.
+    Join(cmd::join::JoinArgs),
+    /// Show a run: closed or not, the open round and who waits in it, the last round's members.
+    Status(cmd::status::StatusArgs),
+    /// Close a run: every pending and later rendezvous of it fails.
+    Close(cmd::close::CloseArgs),
 }
 
 fn init_tracing() {
@@ -41,6 +48,9 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Etcd(args) => cmd::etcd::run(args).await,
+            Command::Join(args) => cmd::join::run(args).await,
+            Command::Status(args) => cmd::status::run(args).await,
+            Command::Close(args) => cmd::close::run(args).await,
         }
     });
     match result {

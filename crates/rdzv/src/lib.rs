@@ -15,6 +15,7 @@
 //!   default [`HandlerRegistry`], in which the `etcd` backend is registered.
 //! - [`etcd::EtcdServer`]: starts a real, throw-away etcd for tests and standalone runs.
 
+pub mod bootstrap;
 pub mod endpoint;
 pub mod error;
 pub mod etcd;
@@ -26,7 +27,7 @@ pub mod store;
 pub use endpoint::{parse_endpoint, parse_endpoints, Endpoint, EndpointError};
 pub use error::RendezvousError;
 pub use handler::{MembershipEvent, RendezvousHandler, RendezvousInfo};
-pub use parameters::{parse_config, ParameterError, RendezvousParameters};
+pub use parameters::{parse_config, parse_duration, ParameterError, RendezvousParameters};
 pub use registry::{
     create_handler, default_registry, HandlerCreator, HandlerRegistry, RegistryError,
 };

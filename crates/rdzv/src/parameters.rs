@@ -406,8 +406,12 @@ pub fn parse_config(text: &str) -> Result<BTreeMap<String, String>, ParameterErr
     Ok(config)
 }
 
-/// Parses a duration value (see [`RendezvousParameters::get_duration`]); the error is a reason.
-fn parse_duration(value: &str) -> Result<Duration, String> {
+/// Parses a duration: plain non-negative seconds (`30`, `1.5`) or humantime (`30s`, `2m`,
+/// `1h 30m`, `250ms`), as [`RendezvousParameters::get_duration`] does.
+///
+/// # Errors
+/// A human-readable reason if the text is not such a duration.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
     let text = value.trim();
     if text.is_empty() {
         return Err("the value is empty".to_string());

@@ -1,3 +1,8 @@
-//! One module per subcommand.
+//! One module per subcommand, plus the flags and signal handling they share.
 
+pub mod close;
 pub mod etcd;
+pub mod join;
+pub mod rdzv_args;
+pub mod signals;
+pub mod status;

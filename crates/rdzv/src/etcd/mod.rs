@@ -15,6 +15,7 @@ pub mod ranks;
 pub mod records;
 pub mod rendezvous;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod watch;
 
@@ -27,6 +28,7 @@ pub use server::{
     find_etcd_binary, find_etcd_binary_from, EtcdCluster, EtcdServer, EtcdServerError,
     EtcdServerOptions, ETCD_BINARY_ENV,
 };
+pub use status::{read_status, MemberStatus, RunStatus};
 pub use store::EtcdStore;
 
 use crate::{HandlerCreator, RendezvousHandler};

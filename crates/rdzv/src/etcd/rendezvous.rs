@@ -190,6 +190,41 @@ impl EtcdRendezvousHandler {
 
     /// The node lease id, and whether it had to be replaced (the old one was lost, and with it
     /// every join record of this node).
+    /// Leaves after a completed round *without* looking like a failure to its members: this
+    /// node's join record of that round is handed to the run lease (so no peer sees it
+    /// disappear), then the node's lease is revoked. For one-shot members such as `rdzv join`.
+    ///
+    /// # Errors
+    /// [`RendezvousError::Connection`] if etcd fails.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn detach(&self) -> Result<(), RendezvousError> {
+        let mut st = self.state.lock().await;
+        if let Some(monitor) = st.monitor.take() {
+            monitor.abort();
+        }
+        if let Some(last) = st.last {
+            let run_lease = self.run_lease_id().await?;
+            let key = self.keys.member(last.round, &self.node.node_id);
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
+                .and_then([TxnOp::put(
+                    key,
+                    Vec::new(),
+                    Some(PutOptions::new().with_lease(run_lease).with_ignore_value()),
+                )]);
+            self.client.txn(txn).await?;
+            st.joined.remove(&last.round);
+        }
+        st.joined.clear();
+        let lease = self.node_lease.lock().await;
+        lease.stop();
+        self.client.lease_revoke(lease.id()).await?;
+        self.run_lease.lock().await.stop();
+        Ok(())
+    }
+
     async fn node_lease_id(&self) -> Result<(i64, bool), RendezvousError> {
         let mut lease = self.node_lease.lock().await;
         if lease.is_lost() {

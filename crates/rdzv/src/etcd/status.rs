@@ -1,0 +1,128 @@
+//! [`RunStatus`]: what is known of a run, read from etcd in a few requests (for `rdzv status`).
+
+use etcd_client::GetOptions;
+use serde::Serialize;
+
+use super::client::EtcdClient;
+use super::keys::RunKeys;
+use super::records::{decode, ClosedRecord, FinalRecord, LastCall, NodeRecord};
+use super::rendezvous::members_of;
+use crate::RendezvousError;
+
+/// A member of a completed round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemberStatus {
+    /// Rank in the round.
+    pub rank: usize,
+    /// True while the member's join record exists (its lease is alive).
+    pub alive: bool,
+    /// The member's record.
+    #[serde(flatten)]
+    pub node: NodeRecord,
+}
+
+/// The state of one run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunStatus {
+    /// The run id.
+    pub run_id: String,
+    /// Whether the run is closed.
+    pub closed: bool,
+    /// Who closed it and when (ms since the epoch).
+    pub closed_by: Option<ClosedRecord>,
+    /// The round nodes join now.
+    pub open_round: u64,
+    /// Nodes that joined the open round.
+    pub waiting: Vec<NodeRecord>,
+    /// The open round's last call, if armed.
+    pub last_call: Option<LastCall>,
+    /// The last completed round.
+    pub last_round: Option<FinalRecord>,
+    /// Its members in rank order.
+    pub members: Vec<MemberStatus>,
+}
+
+/// Reads the status of a run.
+///
+/// # Errors
+/// [`RendezvousError::Connection`], or [`RendezvousError::State`] for records we cannot read.
+///
+/// # Cancel safety
+/// Cancel safe.
+pub async fn read_status(
+    client: &EtcdClient,
+    keys: &RunKeys,
+    run_id: &str,
+) -> Result<RunStatus, RendezvousError> {
+    let closed = client.get(keys.closed(), None).await?;
+    let closed_by = match closed.kvs().first() {
+        Some(kv) => Some(decode::<ClosedRecord>(kv.key(), kv.value())?),
+        None => None,
+    };
+    let current = client.get(keys.current(), None).await?;
+    let open_round = match current.kvs().first() {
+        Some(kv) => std::str::from_utf8(kv.value())
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                RendezvousError::State(format!("key '{}' should hold a round number", keys.current()))
+            })?,
+        None => 1,
+    };
+    let open = client
+        .get(keys.round_prefix(open_round), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let mut waiting = Vec::new();
+    let mut last_call = None;
+    for kv in open.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        match keys.parse_round_key(&key) {
+            Some((_, "member", _)) => waiting.push(decode::<NodeRecord>(kv.key(), kv.value())?),
+            Some((_, "ctl", "lastcall")) => last_call = Some(decode::<LastCall>(kv.key(), kv.value())?),
+            _ => {}
+        }
+    }
+    let mut last_round = None;
+    let mut members = Vec::new();
+    if open_round > 1 {
+        let prev = open_round - 1;
+        let fin = client.get(keys.final_key(prev), None).await?;
+        if let Some(kv) = fin.kvs().first() {
+            last_round = Some(decode::<FinalRecord>(kv.key(), kv.value())?);
+        }
+        let alive = members_of(client, keys, prev).await?;
+        let assigns = client
+            .get(keys.assign_prefix(prev), Some(GetOptions::new().with_prefix()))
+            .await?;
+        for kv in assigns.kvs() {
+            let a: super::records::Assignment = decode(kv.key(), kv.value())?;
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let node_id = key.rsplit('/').next().unwrap_or_default().to_string();
+            let node = alive.iter().find(|n| n.node_id == node_id).cloned();
+            members.push(MemberStatus {
+                rank: a.rank,
+                alive: node.is_some(),
+                node: node.unwrap_or_else(|| NodeRecord {
+                    v: super::records::SCHEMA_VERSION,
+                    node_id,
+                    hostname: String::new(),
+                    addrs: Vec::new(),
+                    node_rank: None,
+                    prev_rank: None,
+                    pid: 0,
+                }),
+            });
+        }
+        members.sort_by_key(|m| m.rank);
+    }
+    Ok(RunStatus {
+        run_id: run_id.to_string(),
+        closed: closed_by.is_some(),
+        closed_by,
+        open_round,
+        waiting,
+        last_call,
+        last_round,
+        members,
+    })
+}
