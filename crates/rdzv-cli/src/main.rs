@@ -17,6 +17,9 @@ enum Command {
     /// Start a local etcd on free loopback ports; print its endpoint (host:port) on the first
     /// line of standard output; stop cleanly on Ctrl-C or SIGTERM.
     Etcd(cmd::etcd::EtcdArgs),
+    /// Run an elastic job: join the rendezvous, start the local workers with torchrun's
+    /// environment, restart them on failures and membership changes.
+    Run(cmd::run::RunArgs),
     /// Join the next round once and print RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, RUN_ID
     /// and ROUND as shell assignments (or JSON), for `eval "$(rdzv join ...)"`.
     Join(cmd::join::JoinArgs),
@@ -29,8 +32,11 @@ enum Command {
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("RDZV_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
 }
@@ -48,6 +54,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Etcd(args) => cmd::etcd::run(args).await,
+            Command::Run(args) => cmd::run::run(args).await,
             Command::Join(args) => cmd::join::run(args).await,
             Command::Status(args) => cmd::status::run(args).await,
             Command::Close(args) => cmd::close::run(args).await,

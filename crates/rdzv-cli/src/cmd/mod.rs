@@ -4,5 +4,7 @@ pub mod close;
 pub mod etcd;
 pub mod join;
 pub mod rdzv_args;
+pub mod run;
 pub mod signals;
 pub mod status;
+pub mod workers;

@@ -62,11 +62,3 @@ impl TerminationSignals {
         }
     }
 }
-
-/// Installs the handlers and waits for one of the signals.
-///
-/// # Errors
-/// If a handler cannot be installed.
-pub async fn wait_for_termination() -> std::io::Result<Termination> {
-    Ok(TerminationSignals::install()?.recv().await)
-}

@@ -1,0 +1,519 @@
+//! `rdzv run`: a torchrun-compatible elastic launcher.
+//!
+//! On each node it joins the rendezvous, starts the local workers with the environment
+//! PyTorch expects, watches them and the membership of the round, and restarts the group on a
+//! failure (counted against `--max-restarts`) or a membership change (not counted).
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdzv::etcd::{EtcdRendezvousHandler, EtcdServer};
+use rdzv::{MembershipEvent, RendezvousHandler, RendezvousInfo, Store};
+use tokio::sync::broadcast;
+
+use super::rdzv_args::{NodeRange, RendezvousTarget};
+use super::signals::{Termination, TerminationSignals};
+use super::workers::{error_file_message, Failure, GroupSpec, GroupState, Streams, WorkerGroup};
+
+/// Exit code for bad or conflicting flags (as clap's own usage errors).
+const USAGE: u8 = 2;
+
+/// Arguments of `rdzv run` (torchrun's names and `PET_*` environment variables).
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "`--start-method` is not needed: rdzv always starts workers as separate processes \
+(it is accepted and ignored, for torchrun compatibility)."
+)]
+pub struct RunArgs {
+    /// Number of nodes: N, or MIN:MAX for an elastic job.
+    #[arg(long, env = "PET_NNODES", default_value = "1:1")]
+    nnodes: NodeRange,
+
+    /// Workers per node: a number, or `auto`/`cpu` (one per CPU).
+    #[arg(
+        long = "nproc-per-node",
+        alias = "nproc_per_node",
+        env = "PET_NPROC_PER_NODE",
+        default_value = "1"
+    )]
+    nproc_per_node: String,
+
+    #[command(flatten)]
+    target: RendezvousTarget,
+
+    /// Single-node job on an auto-started local etcd with a random run id.
+    #[arg(long, env = "PET_STANDALONE")]
+    standalone: bool,
+
+    /// Restarts of the worker group after a failure, before giving up.
+    #[arg(
+        long = "max-restarts",
+        alias = "max_restarts",
+        env = "PET_MAX_RESTARTS",
+        default_value_t = 0
+    )]
+    max_restarts: u32,
+
+    /// How often to check the workers (seconds or a duration such as 100ms).
+    #[arg(long = "monitor-interval", alias = "monitor_interval", env = "PET_MONITOR_INTERVAL", default_value = "0.1", value_parser = duration)]
+    monitor_interval: Duration,
+
+    /// The workers' role name (ROLE_NAME).
+    #[arg(long, env = "PET_ROLE", default_value = "default")]
+    role: String,
+
+    /// The address this node advertises (MASTER_ADDR if it gets group rank 0).
+    #[arg(long = "local-addr", alias = "local_addr", env = "PET_LOCAL_ADDR")]
+    local_addr: Option<String>,
+
+    /// A hint for this node's place in the first round's rank order.
+    #[arg(long = "node-rank", alias = "node_rank", env = "PET_NODE_RANK")]
+    node_rank: Option<u64>,
+
+    /// Send worker output only to log files: 0 none, 1 stdout, 2 stderr, 3 both.
+    #[arg(long, short = 'r', env = "PET_REDIRECTS", default_value = "0")]
+    redirects: Streams,
+
+    /// Send worker output to log files and to the console, lines prefixed `[rank<N>]:`.
+    #[arg(long, short = 't', env = "PET_TEE", default_value = "0")]
+    tee: Streams,
+
+    /// Directory for per-attempt worker logs and error files (default: a temporary one).
+    #[arg(long = "log-dir", alias = "log_dir", env = "PET_LOG_DIR")]
+    log_dir: Option<PathBuf>,
+
+    /// Time between SIGTERM and SIGKILL when stopping workers.
+    #[arg(long = "grace-period", default_value = "5", value_parser = duration)]
+    grace_period: Duration,
+
+    /// How long a node whose workers succeeded waits for the other nodes to finish.
+    #[arg(long = "exit-barrier-timeout", default_value = "300", value_parser = duration)]
+    exit_barrier_timeout: Duration,
+
+    /// Accepted for torchrun compatibility and ignored.
+    #[arg(
+        long = "start-method",
+        alias = "start_method",
+        env = "PET_START_METHOD",
+        hide = true
+    )]
+    start_method: Option<String>,
+
+    /// The worker command and its arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    rdzv::parse_duration(text)
+}
+
+fn nproc(text: &str) -> Result<usize, String> {
+    match text.trim() {
+        "auto" | "cpu" => Ok(std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)),
+        "gpu" => Err(
+            "`--nproc-per-node gpu` needs GPU detection, which rdzv does not do; give a number"
+                .into(),
+        ),
+        n => match n.parse::<usize>() {
+            Ok(0) | Err(_) => Err(format!(
+                "`{n}` is not a positive number of workers (or auto/cpu)"
+            )),
+            Ok(n) => Ok(n),
+        },
+    }
+}
+
+fn usage_error(msg: impl std::fmt::Display) -> anyhow::Result<ExitCode> {
+    eprintln!("rdzv run: error: {msg}");
+    Ok(ExitCode::from(USAGE))
+}
+
+/// Why the monitor loop stopped.
+enum Outcome {
+    Succeeded,
+    Failed(Failure),
+    MembershipChanged(String),
+    Closed,
+    Signal(Termination),
+}
+
+/// Runs `rdzv run`.
+///
+/// # Errors
+/// If etcd cannot be reached, the rendezvous fails (timeout, state), or workers cannot be
+/// started.
+pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
+    let nproc = match nproc(&args.nproc_per_node) {
+        Ok(n) => n,
+        Err(e) => return usage_error(e),
+    };
+    if args.start_method.is_some() {
+        tracing::info!("--start-method is not needed by rdzv and is ignored");
+    }
+    let mut signals = TerminationSignals::install()?;
+    let _etcd: Option<EtcdServer> = if args.standalone {
+        if !args.target.endpoint.trim().is_empty() {
+            return usage_error("--standalone starts its own etcd: do not give --rdzv-endpoint");
+        }
+        if args.nnodes != (NodeRange { min: 1, max: 1 }) {
+            return usage_error(
+                "--standalone is a single-node job: do not give --nnodes other than 1",
+            );
+        }
+        let etcd = EtcdServer::start()
+            .await
+            .context("cannot start the local etcd for --standalone")?;
+        args.target.endpoint = etcd.endpoint();
+        args.target.run_id = uuid::Uuid::new_v4().to_string();
+        if args.local_addr.is_none() {
+            args.local_addr = Some("127.0.0.1".into());
+        }
+        tracing::info!(endpoint = %args.target.endpoint, run_id = %args.target.run_id, "standalone: started a local etcd");
+        Some(etcd)
+    } else {
+        None
+    };
+    let params =
+        match args
+            .target
+            .parameters(args.nnodes, args.local_addr.as_deref(), args.node_rank)
+        {
+            Ok(p) => p,
+            Err(e) => return usage_error(format!("{e:#}")),
+        };
+    let run_id = params.run_id.clone();
+    let handler = Arc::new(
+        EtcdRendezvousHandler::connect(&params)
+            .await
+            .context("cannot connect to the rendezvous")?,
+    );
+    let mut events = handler
+        .subscribe()
+        .context("the etcd handler pushes events")?;
+    let temp_logs;
+    let log_root = match &args.log_dir {
+        Some(dir) => dir.join(&run_id),
+        None => {
+            temp_logs = tempfile::Builder::new().prefix("rdzv-run-").tempdir()?;
+            temp_logs.path().to_path_buf()
+        }
+    };
+    let advertised = handler
+        .node_record()
+        .addrs
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let mut restart_count: u32 = 0;
+    let mut attempt: u32 = 0;
+    loop {
+        let info = tokio::select! {
+            r = handler.next_rendezvous() => match r {
+                Ok(info) => info,
+                Err(e) if e.is_closed() => {
+                    eprintln!("rdzv run: the run '{run_id}' is closed (another node failed or it was closed); stopping");
+                    let _ = handler.shutdown().await;
+                    return Ok(ExitCode::FAILURE);
+                }
+                Err(e) => {
+                    let _ = handler.shutdown().await;
+                    return Err(e).context("rendezvous failed");
+                }
+            },
+            sig = signals.recv() => {
+                let _ = handler.shutdown().await;
+                return Ok(ExitCode::from(sig.exit_code()));
+            }
+        };
+        let master = rdzv::bootstrap::exchange_master(
+            &*info.store,
+            info.rank,
+            &advertised,
+            Duration::from_secs(120),
+        )
+        .await
+        .context("cannot agree on MASTER_ADDR/MASTER_PORT")?;
+        let spec = GroupSpec {
+            command: args.command.clone(),
+            env: worker_env(&args, &run_id, restart_count, &master),
+            nproc,
+            group_rank: info.rank,
+            group_world_size: info.world_size,
+            attempt_dir: log_root.join(format!("attempt_{attempt}")),
+            redirects: args.redirects,
+            tee: args.tee,
+        };
+        attempt += 1;
+        let first = info.rank * nproc;
+        tracing::info!(
+            round = info.round,
+            group_rank = info.rank,
+            group_world_size = info.world_size,
+            ranks = %format!("{first}..{}", first + nproc),
+            world_size = info.world_size * nproc,
+            master = %format!("{}:{}", master.addr, master.port),
+            restart_count,
+            "starting workers"
+        );
+        let mut group = WorkerGroup::start(&spec).await?;
+        let outcome = monitor(
+            &mut group,
+            &info,
+            &mut events,
+            &mut signals,
+            args.monitor_interval,
+        )
+        .await;
+        match outcome {
+            Outcome::Succeeded => {
+                group.drain().await;
+                exit_barrier(
+                    &*info.store,
+                    info.world_size,
+                    args.exit_barrier_timeout,
+                    &mut events,
+                )
+                .await;
+                if let Err(e) = handler.detach().await {
+                    tracing::warn!(error = %e, "could not leave the rendezvous cleanly");
+                }
+                tracing::info!(round = info.round, "all workers succeeded");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Outcome::Failed(failure) => {
+                group.stop(args.grace_period).await;
+                if restart_count < args.max_restarts {
+                    restart_count += 1;
+                    tracing::warn!(
+                        rank = failure.rank,
+                        exit = %failure.describe_exit(),
+                        restart_count,
+                        max_restarts = args.max_restarts,
+                        "worker failed; restarting the group"
+                    );
+                    continue;
+                }
+                print_failure(&handler, &run_id, &info, &failure);
+                if let Err(e) = handler.set_closed().await {
+                    tracing::warn!(error = %e, "could not close the run");
+                }
+                let _ = handler.shutdown().await;
+                return Ok(ExitCode::FAILURE);
+            }
+            Outcome::MembershipChanged(why) => {
+                tracing::info!(
+                    round = info.round,
+                    "{why}: restarting the workers into the next round"
+                );
+                group.stop(args.grace_period).await;
+            }
+            Outcome::Closed => {
+                group.stop(args.grace_period).await;
+                eprintln!("rdzv run: the run '{run_id}' was closed by another node; stopping");
+                let _ = handler.shutdown().await;
+                return Ok(ExitCode::FAILURE);
+            }
+            Outcome::Signal(sig) => {
+                tracing::info!(signal = sig.signo(), "stopping the workers");
+                group.signal(sig.signo());
+                group.stop(args.grace_period).await;
+                let _ = handler.shutdown().await;
+                return Ok(ExitCode::from(sig.exit_code()));
+            }
+        }
+    }
+}
+
+fn worker_env(
+    args: &RunArgs,
+    run_id: &str,
+    restart_count: u32,
+    master: &rdzv::bootstrap::MasterInfo,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    let mut set = |k: &str, v: String| {
+        env.insert(k.to_string(), v);
+    };
+    set("ROLE_NAME", args.role.clone());
+    set("MASTER_ADDR", master.addr.clone());
+    set("MASTER_PORT", master.port.to_string());
+    set("TORCHELASTIC_RESTART_COUNT", restart_count.to_string());
+    set("TORCHELASTIC_MAX_RESTARTS", args.max_restarts.to_string());
+    set("TORCHELASTIC_RUN_ID", run_id.to_string());
+    set("TORCHELASTIC_USE_AGENT_STORE", "False".into());
+    set(
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+        std::env::var("TORCH_NCCL_ASYNC_ERROR_HANDLING").unwrap_or_else(|_| "1".into()),
+    );
+    set(
+        "OMP_NUM_THREADS",
+        std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| "1".into()),
+    );
+    env
+}
+
+async fn monitor(
+    group: &mut WorkerGroup,
+    info: &RendezvousInfo,
+    events: &mut broadcast::Receiver<MembershipEvent>,
+    signals: &mut TerminationSignals,
+    interval: Duration,
+) -> Outcome {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match group.poll() {
+                GroupState::Running => {}
+                GroupState::Succeeded => return Outcome::Succeeded,
+                GroupState::Failed(f) => return Outcome::Failed(f),
+            },
+            ev = events.recv() => match ev {
+                Ok(MembershipEvent::Closed) => return Outcome::Closed,
+                Ok(MembershipEvent::PeerLost { round, node_id }) if round == info.round => {
+                    return Outcome::MembershipChanged(format!("node {node_id} left or died"));
+                }
+                Ok(MembershipEvent::NodesWaiting { round, waiting }) if round == info.round && waiting > 0 => {
+                    return Outcome::MembershipChanged(format!("{waiting} node(s) waiting to join"));
+                }
+                Ok(MembershipEvent::RoundSuperseded { round }) if round == info.round => {
+                    return Outcome::MembershipChanged("a newer round completed".into());
+                }
+                Ok(MembershipEvent::MembershipLost { round }) if round == info.round => {
+                    return Outcome::MembershipChanged("this node's lease was lost".into());
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return Outcome::Closed,
+            },
+            sig = signals.recv() => return Outcome::Signal(sig),
+        }
+    }
+}
+
+/// Waits until every node of the round has succeeded (or the run closes, or the timeout).
+async fn exit_barrier(
+    store: &dyn Store,
+    world_size: usize,
+    timeout: Duration,
+    events: &mut broadcast::Receiver<MembershipEvent>,
+) {
+    const COUNT: &str = "rdzv/exit_barrier/count";
+    const DONE: &str = "rdzv/exit_barrier/done";
+    let wait = async {
+        let n = store.add(COUNT, 1).await?;
+        if n as usize >= world_size {
+            store.set(DONE, b"1").await?;
+        }
+        store.get_timeout(DONE, timeout).await.map(|_| ())
+    };
+    let closed = async {
+        loop {
+            match events.recv().await {
+                Ok(MembershipEvent::Closed) | Err(broadcast::error::RecvError::Closed) => return,
+                _ => {}
+            }
+        }
+    };
+    tokio::select! {
+        r = wait => if let Err(e) = r {
+            tracing::warn!(error = %e, "exit barrier: not every node confirmed success");
+        },
+        _ = closed => tracing::info!("exit barrier: the run was closed"),
+    }
+}
+
+fn print_failure(
+    handler: &EtcdRendezvousHandler,
+    run_id: &str,
+    info: &RendezvousInfo,
+    f: &Failure,
+) {
+    let when = humantime_time(f.time);
+    let mut lines = vec![
+        "=".repeat(64),
+        format!(
+            "rdzv run: worker failed (run '{run_id}', round {})",
+            info.round
+        ),
+        "-".repeat(64),
+        format!("  time       : {when}"),
+        format!("  host       : {}", handler.node_record().hostname),
+        format!(
+            "  node       : {} (group rank {})",
+            handler.node_id(),
+            info.rank
+        ),
+        format!("  rank       : {} (local_rank: {})", f.rank, f.local_rank),
+        format!("  pid        : {}", f.pid),
+        format!("  {}", f.describe_exit()),
+    ];
+    match &f.error_file {
+        Some(path) => {
+            lines.push(format!("  error_file : {}", path.display()));
+            if let Some(msg) = error_file_message(path) {
+                lines.push(format!("  error      : {msg}"));
+            }
+        }
+        None => lines.push("  error_file : <none: the worker wrote no error file>".into()),
+    }
+    lines.push("=".repeat(64));
+    eprintln!("{}", lines.join("\n"));
+}
+
+fn humantime_time(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // UTC, to the second, without pulling in a date crate.
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    let (y, mo, d) = civil_from_days(days as i64);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+/// Howard Hinnant's days-to-civil-date algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nproc_values() {
+        assert_eq!(nproc("4"), Ok(4));
+        assert!(nproc("auto").unwrap() >= 1);
+        assert!(nproc("0").is_err());
+        assert!(nproc("-1").is_err());
+        assert!(nproc("gpu").is_err());
+    }
+
+    #[test]
+    fn utc_timestamps() {
+        assert_eq!(
+            humantime_time(std::time::UNIX_EPOCH),
+            "1970-01-01T00:00:00Z"
+        );
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        assert_eq!(humantime_time(t), "2026-11-18T08:26:40Z");
+    }
+}
