@@ -58,12 +58,18 @@ pub async fn exchange_master(
         let addr = advertised_addr.trim_matches(|c| c == '[' || c == ']');
         let port = free_port(addr)?;
         store.set(MASTER_ADDR_KEY, addr.as_bytes()).await?;
-        store.set(MASTER_PORT_KEY, port.to_string().as_bytes()).await?;
+        store
+            .set(MASTER_PORT_KEY, port.to_string().as_bytes())
+            .await?;
     }
-    let addr = String::from_utf8_lossy(&store.get_timeout(MASTER_ADDR_KEY, timeout).await?).into_owned();
-    let port_text = String::from_utf8_lossy(&store.get_timeout(MASTER_PORT_KEY, timeout).await?).into_owned();
-    let port = port_text
-        .parse()
-        .map_err(|_| RendezvousError::State(format!("MASTER_PORT in the store is '{port_text}', not a port")))?;
+    let addr =
+        String::from_utf8_lossy(&store.get_timeout(MASTER_ADDR_KEY, timeout).await?).into_owned();
+    let port_text =
+        String::from_utf8_lossy(&store.get_timeout(MASTER_PORT_KEY, timeout).await?).into_owned();
+    let port = port_text.parse().map_err(|_| {
+        RendezvousError::State(format!(
+            "MASTER_PORT in the store is '{port_text}', not a port"
+        ))
+    })?;
     Ok(MasterInfo { addr, port })
 }

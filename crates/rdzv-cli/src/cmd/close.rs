@@ -20,7 +20,9 @@ pub struct CloseArgs {
 /// # Errors
 /// If etcd cannot be reached.
 pub async fn run(args: CloseArgs) -> anyhow::Result<ExitCode> {
-    let params = args.target.parameters(NodeRange { min: 1, max: 1 }, None, None)?;
+    let params = args
+        .target
+        .parameters(NodeRange { min: 1, max: 1 }, None, None)?;
     let handler = EtcdRendezvousHandler::connect(&params).await?;
     handler.set_closed().await?;
     handler.shutdown().await?;

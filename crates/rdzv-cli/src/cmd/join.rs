@@ -43,7 +43,10 @@ pub struct JoinArgs {
 }
 
 fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/@%+=,".contains(c)) {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/@%+=,".contains(c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
@@ -67,8 +70,15 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("cannot join the rendezvous")?;
     let info = handler.next_rendezvous().await?;
-    let addr = handler.node_record().addrs.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
-    let master = rdzv::bootstrap::exchange_master(&*info.store, info.rank, &addr, Duration::from_secs(60)).await?;
+    let addr = handler
+        .node_record()
+        .addrs
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let master =
+        rdzv::bootstrap::exchange_master(&*info.store, info.rank, &addr, Duration::from_secs(60))
+            .await?;
     let out = if args.json {
         serde_json::json!({
             "rank": info.rank,

@@ -43,19 +43,39 @@ impl std::str::FromStr for NodeRange {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RendezvousTarget {
     /// Rendezvous backend.
-    #[arg(long = "rdzv-backend", alias = "rdzv_backend", env = "PET_RDZV_BACKEND", default_value = "etcd")]
+    #[arg(
+        long = "rdzv-backend",
+        alias = "rdzv_backend",
+        env = "PET_RDZV_BACKEND",
+        default_value = "etcd"
+    )]
     pub backend: String,
 
     /// Backend endpoint(s): host[:port], [ipv6]:port, comma-separated for an etcd cluster.
-    #[arg(long = "rdzv-endpoint", alias = "rdzv_endpoint", env = "PET_RDZV_ENDPOINT", default_value = "")]
+    #[arg(
+        long = "rdzv-endpoint",
+        alias = "rdzv_endpoint",
+        env = "PET_RDZV_ENDPOINT",
+        default_value = ""
+    )]
     pub endpoint: String,
 
     /// The job's id; every node of one job uses the same one.
-    #[arg(long = "rdzv-id", alias = "rdzv_id", env = "PET_RDZV_ID", default_value = "none")]
+    #[arg(
+        long = "rdzv-id",
+        alias = "rdzv_id",
+        env = "PET_RDZV_ID",
+        default_value = "none"
+    )]
     pub run_id: String,
 
     /// Backend configuration `key=value,...` (e.g. `timeout=60,last_call_timeout=5`).
-    #[arg(long = "rdzv-conf", alias = "rdzv_conf", env = "PET_RDZV_CONF", default_value = "")]
+    #[arg(
+        long = "rdzv-conf",
+        alias = "rdzv_conf",
+        env = "PET_RDZV_CONF",
+        default_value = ""
+    )]
     pub conf: String,
 }
 

@@ -24,9 +24,15 @@ pub struct StatusArgs {
 /// # Errors
 /// If etcd cannot be reached or holds records we cannot read.
 pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let params = args.target.parameters(NodeRange { min: 1, max: 1 }, None, None)?;
+    let params = args
+        .target
+        .parameters(NodeRange { min: 1, max: 1 }, None, None)?;
     let settings = RendezvousSettings::from_parameters(&params)?;
-    let client = EtcdClient::new(ConnectionOptions::from_parameters(&params)?.connect().await?);
+    let client = EtcdClient::new(
+        ConnectionOptions::from_parameters(&params)?
+            .connect()
+            .await?,
+    );
     let keys = RunKeys::new(&settings.prefix, &params.run_id);
     let status = read_status(&client, &keys, &params.run_id).await?;
     if args.json {
@@ -35,13 +41,22 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     println!("run:        {}", status.run_id);
     println!("closed:     {}", if status.closed { "yes" } else { "no" });
-    println!("open round: {} ({} node(s) joined)", status.open_round, status.waiting.len());
+    println!(
+        "open round: {} ({} node(s) joined)",
+        status.open_round,
+        status.waiting.len()
+    );
     if let Some(lc) = &status.last_call {
         let left = lc.deadline_ms.saturating_sub(rdzv::etcd::records::now_ms());
         println!("last call:  completes in {:.1}s", left as f64 / 1000.0);
     }
     for n in &status.waiting {
-        println!("  waiting   {}  {}  {}", n.node_id, n.hostname, n.addrs.join(","));
+        println!(
+            "  waiting   {}  {}  {}",
+            n.node_id,
+            n.hostname,
+            n.addrs.join(",")
+        );
     }
     match &status.last_round {
         Some(r) => {

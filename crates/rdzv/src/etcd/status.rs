@@ -65,12 +65,18 @@ pub async fn read_status(
             .ok()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| {
-                RendezvousError::State(format!("key '{}' should hold a round number", keys.current()))
+                RendezvousError::State(format!(
+                    "key '{}' should hold a round number",
+                    keys.current()
+                ))
             })?,
         None => 1,
     };
     let open = client
-        .get(keys.round_prefix(open_round), Some(GetOptions::new().with_prefix()))
+        .get(
+            keys.round_prefix(open_round),
+            Some(GetOptions::new().with_prefix()),
+        )
         .await?;
     let mut waiting = Vec::new();
     let mut last_call = None;
@@ -78,7 +84,9 @@ pub async fn read_status(
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         match keys.parse_round_key(&key) {
             Some((_, "member", _)) => waiting.push(decode::<NodeRecord>(kv.key(), kv.value())?),
-            Some((_, "ctl", "lastcall")) => last_call = Some(decode::<LastCall>(kv.key(), kv.value())?),
+            Some((_, "ctl", "lastcall")) => {
+                last_call = Some(decode::<LastCall>(kv.key(), kv.value())?)
+            }
             _ => {}
         }
     }
@@ -92,7 +100,10 @@ pub async fn read_status(
         }
         let alive = members_of(client, keys, prev).await?;
         let assigns = client
-            .get(keys.assign_prefix(prev), Some(GetOptions::new().with_prefix()))
+            .get(
+                keys.assign_prefix(prev),
+                Some(GetOptions::new().with_prefix()),
+            )
             .await?;
         for kv in assigns.kvs() {
             let a: super::records::Assignment = decode(kv.key(), kv.value())?;
