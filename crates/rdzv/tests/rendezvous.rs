@@ -466,3 +466,33 @@ async fn through_the_registry() {
     assert!(h.shutdown().await.unwrap());
     let _unused: Option<EtcdRendezvousHandler> = None;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_rank_tables_are_written_in_chunks_within_etcds_txn_limit() {
+    // etcd limited to 16 operations per transaction: 40 assignments need several chunks.
+    let etcd = rdzv::etcd::EtcdServer::start_with(rdzv::etcd::EtcdServerOptions {
+        extra_args: vec!["--max-txn-ops=16".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let n = 40;
+    let p = params(&etcd.endpoint(), &run_id(), n, n).with_config("max_txn_ops", "16");
+    let mut hs = Vec::new();
+    for _ in 0..n {
+        hs.push(handler(&p).await);
+    }
+    let results = bounded(LIMIT, "chunked round", rendezvous_all(&hs)).await;
+    assert!(results.iter().all(|&(_, w, r)| w == n && r == 1));
+    assert_permutation(results.iter().map(|r| r.0).collect(), n);
+    // The claim is gone once the round is final.
+    let claim = hs[0]
+        .client()
+        .get(hs[0].keys().claim(1), None)
+        .await
+        .unwrap();
+    assert!(
+        claim.kvs().is_empty(),
+        "the finaliser's claim must be removed"
+    );
+}

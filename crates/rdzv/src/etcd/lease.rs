@@ -83,8 +83,7 @@ async fn keep_alive_loop(client: EtcdClient, id: i64, ttl: Duration, lost: watch
     let mut valid_until = Instant::now() + ttl;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut lease_client = client.raw().lease_client();
-        let (mut keeper, mut stream) = match lease_client.keep_alive(id).await {
+        let (mut keeper, mut stream) = match client.lease_keep_alive(id).await {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::debug!(lease = id, error = %e, "cannot open keep-alive stream; retrying");
@@ -96,8 +95,6 @@ async fn keep_alive_loop(client: EtcdClient, id: i64, ttl: Duration, lost: watch
                 continue;
             }
         };
-        // `keep_alive` already sent the first request.
-        client.stats().count_keep_alive();
         loop {
             match tokio::time::timeout(period.max(Duration::from_millis(500)), stream.message())
                 .await

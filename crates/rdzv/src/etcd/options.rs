@@ -8,6 +8,7 @@
 //! | `cacert`, `cert`, `key` | – | PEM files for TLS (server CA; client certificate and key) |
 //! | `username`, `password` | – | etcd authentication |
 //! | `connect_timeout` | `5s` | bound on connecting to etcd |
+//! | `request_timeout` | `3s` | bound on one etcd request (then the next endpoint is tried) |
 //! | `etcd_prefix` | `/rdzv` | key prefix; a run lives under `<prefix>/<run_id>/` |
 //! | `timeout` | `600s` | bound on one `next_rendezvous()` |
 //! | `last_call_timeout` | `30s` | wait after `min_nodes` have joined, for more to come |
@@ -15,6 +16,7 @@
 //! | `retention` | `1h` | how long a run's keys outlive its last node |
 //! | `store_timeout` | `300s` | default bound on blocking store operations |
 //! | `node_rank` | – | a hint for this node's place in the first round's rank order |
+//! | `max_txn_ops` | `128` | etcd's `--max-txn-ops`: larger rank tables are written in chunks |
 //!
 //! Durations are seconds (`30`, `1.5`) or humantime (`30s`, `2m`).
 
@@ -22,6 +24,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+
+use super::client::EtcdClient;
 
 use crate::endpoint::{parse_endpoints, Endpoint, Scheme};
 use crate::{ParameterError, RendezvousError, RendezvousParameters};
@@ -48,6 +52,8 @@ pub struct ConnectionOptions {
     pub password: Option<String>,
     /// Bound on connecting.
     pub connect_timeout: Duration,
+    /// Bound on one request.
+    pub request_timeout: Duration,
 }
 
 impl std::fmt::Debug for ConnectionOptions {
@@ -60,6 +66,7 @@ impl std::fmt::Debug for ConnectionOptions {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
             .finish()
     }
 }
@@ -81,6 +88,8 @@ pub struct RendezvousSettings {
     pub store_timeout: Duration,
     /// Rank-order hint.
     pub node_rank: Option<u64>,
+    /// Operations per transaction at most (etcd's `--max-txn-ops`).
+    pub max_txn_ops: usize,
     /// Minimum nodes per round.
     pub min_nodes: usize,
     /// Maximum nodes per round.
@@ -130,6 +139,11 @@ impl ConnectionOptions {
             username: params.get("username").map(str::to_string),
             password: params.get("password").map(str::to_string),
             connect_timeout: duration(params, "connect_timeout", Duration::from_secs(5))?,
+            request_timeout: duration(
+                params,
+                "request_timeout",
+                super::client::DEFAULT_REQUEST_TIMEOUT,
+            )?,
         };
         if options.cert.is_some() != options.key.is_some() {
             return Err(bad(
@@ -142,6 +156,9 @@ impl ConnectionOptions {
                 "username",
                 "`username` and `password` must be given together".into(),
             ));
+        }
+        if options.request_timeout.is_zero() {
+            return Err(bad("request_timeout", "must be greater than zero".into()));
         }
         if options.connect_timeout.is_zero() {
             return Err(bad("connect_timeout", "must be greater than zero".into()));
@@ -199,16 +216,7 @@ impl ConnectionOptions {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn connect(&self) -> Result<Client, RendezvousError> {
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(self.connect_timeout)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        if self.uses_tls() {
-            options = options.with_tls(self.tls()?);
-        }
-        if let (Some(user), Some(password)) = (&self.username, &self.password) {
-            options = options.with_user(user.clone(), password.clone());
-        }
+        let options = self.client_options()?;
         let urls = self.urls();
         let described = urls.join(",");
         let attempt = async {
@@ -230,6 +238,77 @@ impl ConnectionOptions {
                 self.connect_timeout
             ))),
         }
+    }
+
+    /// Connects to every endpoint separately, for an [`EtcdClient`] that fails over between
+    /// them, and checks (within `connect_timeout`) that at least one answers and accepts us.
+    ///
+    /// # Errors
+    /// [`RendezvousError::Connection`] if no endpoint answers in time or etcd refuses us;
+    /// [`RendezvousError::InvalidConfig`] if a TLS file cannot be read.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn connect_failover(
+        &self,
+        stats: std::sync::Arc<super::client::RequestStats>,
+    ) -> Result<EtcdClient, RendezvousError> {
+        let options = self.client_options()?;
+        let urls = self.urls();
+        let described = urls.join(",");
+        let attempt = async {
+            let mut clients = Vec::with_capacity(urls.len());
+            let mut last_error = None;
+            for url in &urls {
+                match Client::connect([url.as_str()], Some(options.clone())).await {
+                    Ok(c) => clients.push(c),
+                    Err(e) => {
+                        tracing::warn!(endpoint = %url, error = %e, "cannot connect to this etcd endpoint");
+                        last_error =
+                            Some(super::client::map_err(&format!("connecting to {url}"), e));
+                    }
+                }
+            }
+            if clients.is_empty() {
+                return Err(last_error.unwrap_or_else(|| {
+                    RendezvousError::Connection(format!("no etcd endpoint in {described}"))
+                }));
+            }
+            let client =
+                EtcdClient::from_clients(clients, stats).with_request_timeout(self.request_timeout);
+            // The connections are lazy: ask something to know that etcd answers.
+            client
+                .get("/", Some(etcd_client::GetOptions::new().with_count_only()))
+                .await
+                .map_err(|e| match e {
+                    RendezvousError::Connection(m) => {
+                        RendezvousError::Connection(format!("talking to {described}: {m}"))
+                    }
+                    other => other,
+                })?;
+            Ok(client)
+        };
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(RendezvousError::Connection(format!(
+                "etcd at {described} did not answer within {:?}",
+                self.connect_timeout
+            ))),
+        }
+    }
+
+    fn client_options(&self) -> Result<ConnectOptions, RendezvousError> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(self.connect_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if self.uses_tls() {
+            options = options.with_tls(self.tls()?);
+        }
+        if let (Some(user), Some(password)) = (&self.username, &self.password) {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        Ok(options)
     }
 }
 
@@ -259,6 +338,10 @@ impl RendezvousSettings {
             node_rank: match params.get_int("node_rank")? {
                 Some(r) if r < 0 => return Err(bad("node_rank", "must not be negative")),
                 r => r.map(|r| r as u64),
+            },
+            max_txn_ops: match params.get_int("max_txn_ops")?.unwrap_or(128) {
+                n if n < 4 => return Err(bad("max_txn_ops", "must be at least 4")),
+                n => n as usize,
             },
             min_nodes: params.min_nodes,
             max_nodes: params.max_nodes,

@@ -35,7 +35,7 @@ use tokio::sync::{broadcast, Mutex};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::client::EtcdClient;
+use super::client::{is_transient, EtcdClient};
 use super::keys::{prefix_end, RunKeys};
 use super::lease::KeptLease;
 use super::monitor::{spawn_monitor, MonitorArgs};
@@ -51,8 +51,16 @@ use crate::{
     MembershipEvent, RendezvousError, RendezvousHandler, RendezvousInfo, RendezvousParameters,
 };
 
-/// At most this many operations go into one transaction (etcd's default limit is 128).
-const TXN_CHUNK: usize = 100;
+/// What etcd says of a lease that expired; we say it too.
+const LEASE_GONE: &str = "requested lease not found";
+
+/// True if the error means that this node's lease (and so its join records) is gone.
+fn is_lease_gone(err: &RendezvousError) -> bool {
+    matches!(err, RendezvousError::Connection(m) if m.contains(LEASE_GONE))
+}
+
+/// Longest wait between retries when etcd is unavailable.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// The etcd rendezvous handler. Create it with [`EtcdRendezvousHandler::connect`].
 #[derive(Debug)]
@@ -95,6 +103,13 @@ enum JoinOutcome {
     Closed,
 }
 
+/// What one attempt at a round ended with.
+enum Step {
+    Done(RoundResult),
+    Stale(u64),
+    Closed,
+}
+
 /// A finished round as seen by this node: its rank, or `None` if it was not selected.
 struct RoundResult {
     record: FinalRecord,
@@ -115,7 +130,7 @@ impl EtcdRendezvousHandler {
         params.validate()?;
         let connection = ConnectionOptions::from_parameters(params)?;
         let settings = RendezvousSettings::from_parameters(params)?;
-        let client = EtcdClient::new(connection.connect().await?);
+        let client = connection.connect_failover(Default::default()).await?;
         Self::with_client(client, params, settings).await
     }
 
@@ -186,6 +201,20 @@ impl EtcdRendezvousHandler {
     /// Cancel safe.
     pub async fn members(&self, round: u64) -> Result<Vec<NodeRecord>, RendezvousError> {
         members_of(&self.client, &self.keys, round).await
+    }
+
+    /// Grants a new node lease after the old one expired (its join records are gone with it).
+    async fn replace_node_lease(&self, st: &mut RoundState) -> Result<i64, RendezvousError> {
+        let mut lease = self.node_lease.lock().await;
+        *lease = KeptLease::grant(&self.client, self.settings.keep_alive_ttl_secs()).await?;
+        st.joined.clear();
+        // The run lease may be gone too (etcd down for longer than the retention).
+        let mut run_lease = self.run_lease.lock().await;
+        if self.client.lease_ttl(run_lease.id()).await?.is_none() {
+            *run_lease =
+                ensure_run_lease(&self.client, &self.keys, self.settings.retention_secs()).await?;
+        }
+        Ok(lease.id())
     }
 
     /// The node lease id, and whether it had to be replaced (the old one was lost, and with it
@@ -447,7 +476,7 @@ impl EtcdRendezvousHandler {
             Compare::create_revision(k.final_key(round), CompareOp::Equal, 0),
             Compare::create_revision(k.closed(), CompareOp::Equal, 0),
         ];
-        let written = if assigns.len() + finish.len() <= TXN_CHUNK {
+        let written = if assigns.len() + finish.len() <= self.settings.max_txn_ops {
             let mut ops = assigns;
             ops.extend(finish);
             self.client
@@ -505,7 +534,7 @@ impl EtcdRendezvousHandler {
         let ours = || Compare::value(k.claim(round), CompareOp::Equal, claim.clone());
         let mut assigns = assigns.into_iter().peekable();
         while assigns.peek().is_some() {
-            let chunk: Vec<TxnOp> = assigns.by_ref().take(TXN_CHUNK).collect();
+            let chunk: Vec<TxnOp> = assigns.by_ref().take(self.settings.max_txn_ops).collect();
             if !self
                 .client
                 .txn(Txn::new().when([ours()]).and_then(chunk))
@@ -648,12 +677,36 @@ impl EtcdRendezvousHandler {
                 changed = lease_lost.changed() => {
                     if changed.is_ok() && *lease_lost.borrow() {
                         return Err(RendezvousError::Connection(
-                            "this node's lease expired while waiting for the round (etcd unreachable for longer than keep_alive_ttl?)".into(),
+                            format!("{LEASE_GONE}: this node's lease expired while waiting for the round (etcd unreachable for longer than keep_alive_ttl?)"),
                         ));
                     }
                 }
             }
         }
+    }
+
+    /// One attempt at `round`: join it and wait for its outcome.
+    async fn attempt_round(
+        &self,
+        st: &mut RoundState,
+        round: u64,
+        lease: i64,
+        deadline: Instant,
+    ) -> Result<Step, RendezvousError> {
+        let (count, ctl, revision) = match self.join(st, round, lease).await? {
+            JoinOutcome::Closed => return Ok(Step::Closed),
+            JoinOutcome::Stale { open_round } => return Ok(Step::Stale(open_round)),
+            JoinOutcome::Joined {
+                count,
+                ctl,
+                revision,
+            } => (count, ctl, revision),
+        };
+        tracing::debug!(round, joined = count, "joined round");
+        let result = self
+            .await_round(round, count, ctl, revision, deadline)
+            .await?;
+        Ok(Step::Done(result))
     }
 
     fn closed_error(&self) -> RendezvousError {
@@ -917,12 +970,13 @@ impl RendezvousHandler for EtcdRendezvousHandler {
             monitor.abort();
         }
         self.waiting.store(0, Ordering::Relaxed);
-        let (lease, renewed) = self.node_lease_id().await?;
+        let (mut lease, renewed) = self.node_lease_id().await?;
         if renewed {
             st.joined.clear();
         }
         let mut round = st.last.map(|c| c.round + 1).unwrap_or(1);
         let mut attempts = 0;
+        let mut backoff = Duration::from_millis(100);
         loop {
             attempts += 1;
             if Instant::now() >= deadline {
@@ -931,24 +985,29 @@ impl RendezvousHandler for EtcdRendezvousHandler {
                     self.run_id, self.settings.timeout
                 )));
             }
-            let (count, ctl, revision) = match self.join(&mut st, round, lease).await? {
-                JoinOutcome::Closed => return Err(self.closed_error()),
-                JoinOutcome::Stale { open_round } => {
+            let step = self.attempt_round(&mut st, round, lease, deadline).await;
+            let result = match step {
+                Ok(Step::Done(result)) => result,
+                Ok(Step::Stale(open_round)) => {
                     round = open_round;
                     continue;
                 }
-                JoinOutcome::Joined {
-                    count,
-                    ctl,
-                    revision,
-                } => (count, ctl, revision),
-            };
-            tracing::debug!(round, joined = count, "joined round");
-            let result = match self
-                .await_round(round, count, ctl, revision, deadline)
-                .await
-            {
-                Ok(result) => result,
+                Ok(Step::Closed) => return Err(self.closed_error()),
+                Err(e) if Instant::now() < deadline && (is_transient(&e) || is_lease_gone(&e)) => {
+                    // Our join record stays (same lease, same join order): join again.
+                    tracing::warn!(round, error = %e, "etcd unavailable; retrying");
+                    let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    if is_lease_gone(&e) {
+                        match self.replace_node_lease(&mut st).await {
+                            Ok(new_lease) => lease = new_lease,
+                            Err(e) if is_transient(&e) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    continue;
+                }
                 Err(e) => {
                     drop(st);
                     self.leave_round(round).await;

@@ -10,8 +10,22 @@ use rdzv::etcd::{EtcdRendezvousHandler, EtcdServer};
 use rdzv::{MembershipEvent, RendezvousHandler, RendezvousParameters};
 use tokio::sync::broadcast;
 
+/// Logs to the test's output when `RDZV_TEST_LOG` is set (e.g. `RDZV_TEST_LOG=rdzv=debug`).
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("RDZV_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 /// Starts a fresh etcd for one test.
 pub async fn etcd() -> EtcdServer {
+    init_logging();
     EtcdServer::start()
         .await
         .expect("start etcd (install etcd-server or set RDZV_ETCD_BINARY)")
@@ -33,6 +47,7 @@ pub fn params(endpoint: &str, run_id: &str, min: usize, max: usize) -> Rendezvou
 
 /// Connects a handler.
 pub async fn handler(p: &RendezvousParameters) -> Arc<EtcdRendezvousHandler> {
+    init_logging();
     Arc::new(
         EtcdRendezvousHandler::connect(p)
             .await
