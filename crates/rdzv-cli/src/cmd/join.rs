@@ -58,9 +58,17 @@ fn shell_quote(s: &str) -> String {
 /// # Errors
 /// If the parameters are invalid, etcd cannot be reached, or the round fails (closed, timeout).
 pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
-    let params = args
-        .target
-        .parameters(args.nnodes, args.local_addr.as_deref(), args.node_rank)?;
+    let params =
+        match args
+            .target
+            .parameters(args.nnodes, args.local_addr.as_deref(), args.node_rank)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("rdzv join: error: {e:#}");
+                return Ok(ExitCode::from(2));
+            }
+        };
     let mut signals = if args.hold {
         Some(super::signals::TerminationSignals::install()?)
     } else {

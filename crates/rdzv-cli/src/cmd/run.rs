@@ -213,7 +213,6 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         .cloned()
         .unwrap_or_else(|| "127.0.0.1".into());
     let mut restart_count: u32 = 0;
-    let mut attempt: u32 = 0;
     loop {
         let info = tokio::select! {
             r = handler.next_rendezvous() => match r {
@@ -247,11 +246,10 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
             nproc,
             group_rank: info.rank,
             group_world_size: info.world_size,
-            attempt_dir: log_root.join(format!("attempt_{attempt}")),
+            attempt_dir: log_root.join(format!("attempt_{restart_count}")),
             redirects: args.redirects,
             tee: args.tee,
         };
-        attempt += 1;
         let first = info.rank * nproc;
         tracing::info!(
             round = info.round,
@@ -263,7 +261,13 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
             restart_count,
             "starting workers"
         );
-        let mut group = WorkerGroup::start(&spec).await?;
+        let mut group = match WorkerGroup::start(&spec).await {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = handler.shutdown().await;
+                return Err(e);
+            }
+        };
         let outcome = monitor(
             &mut group,
             &info,
@@ -275,13 +279,18 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         match outcome {
             Outcome::Succeeded => {
                 group.drain().await;
-                exit_barrier(
+                let signal = exit_barrier(
                     &*info.store,
                     info.world_size,
                     args.exit_barrier_timeout,
                     &mut events,
+                    &mut signals,
                 )
                 .await;
+                if let Some(sig) = signal {
+                    let _ = handler.shutdown().await;
+                    return Ok(ExitCode::from(sig.exit_code()));
+                }
                 if let Err(e) = handler.detach().await {
                     tracing::warn!(error = %e, "could not leave the rendezvous cleanly");
                 }
@@ -398,13 +407,15 @@ async fn monitor(
     }
 }
 
-/// Waits until every node of the round has succeeded (or the run closes, or the timeout).
+/// Waits until every node of the round has succeeded (or the run closes, or the timeout);
+/// returns the signal that interrupted the wait, if one did.
 async fn exit_barrier(
     store: &dyn Store,
     world_size: usize,
     timeout: Duration,
     events: &mut broadcast::Receiver<MembershipEvent>,
-) {
+    signals: &mut TerminationSignals,
+) -> Option<Termination> {
     const COUNT: &str = "rdzv/exit_barrier/count";
     const DONE: &str = "rdzv/exit_barrier/done";
     let wait = async {
@@ -427,7 +438,9 @@ async fn exit_barrier(
             tracing::warn!(error = %e, "exit barrier: not every node confirmed success");
         },
         _ = closed => tracing::info!("exit barrier: the run was closed"),
+        sig = signals.recv() => return Some(sig),
     }
+    None
 }
 
 fn print_failure(
@@ -514,6 +527,6 @@ mod tests {
             "1970-01-01T00:00:00Z"
         );
         let t = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
-        assert_eq!(humantime_time(t), "2026-11-18T08:26:40Z");
+        assert_eq!(humantime_time(t), "2026-11-18T11:06:40Z");
     }
 }
