@@ -27,6 +27,9 @@ enum Command {
     Status(cmd::status::StatusArgs),
     /// Close a run: every pending and later rendezvous of it fails.
     Close(cmd::close::CloseArgs),
+    /// Measure what a rendezvous round costs as the job grows (time, etcd requests, CPU,
+    /// memory), with participants simulated in this process.
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn init_tracing() {
@@ -58,6 +61,7 @@ fn main() -> std::process::ExitCode {
             Command::Join(args) => cmd::join::run(args).await,
             Command::Status(args) => cmd::status::run(args).await,
             Command::Close(args) => cmd::close::run(args).await,
+            Command::Bench(args) => cmd::bench::run(args).await,
         }
     });
     match result {

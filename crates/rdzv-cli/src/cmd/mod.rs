@@ -1,5 +1,6 @@
 //! One module per subcommand, plus the flags and signal handling they share.
 
+pub mod bench;
 pub mod close;
 pub mod etcd;
 pub mod join;

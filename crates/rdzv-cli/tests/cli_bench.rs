@@ -1,0 +1,133 @@
+//! Tests of `rdzv bench`: small job sizes, each run with its own etcd.
+
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Upper bound of one `rdzv bench` run in these tests.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Runs `rdzv bench` with `args` to completion, bounded by [`WAIT`].
+fn bench(args: &[&str]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_rdzv"))
+        .arg("bench")
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("RDZV_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run rdzv bench");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(output) => output.expect("cannot wait for rdzv bench"),
+        Err(_) => {
+            // SAFETY: kill(2) only takes integers.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            panic!("rdzv bench (pid {pid}) did not finish within {WAIT:?}");
+        }
+    }
+}
+
+/// The JSON lines of a successful run.
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "rdzv bench failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}\nstderr:\n{stderr}"))
+        })
+        .collect()
+}
+
+fn num(line: &serde_json::Value, key: &str) -> f64 {
+    line.get(key)
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or_else(|| panic!("no number {key:?} in {line}"))
+}
+
+/// Checks the fields every line has, for a measured round of `participants` nodes.
+fn check_line(line: &serde_json::Value, participants: usize, max_requests_per_node: f64) {
+    assert!(line.get("error").is_none(), "{line}");
+    assert_eq!(num(line, "participants") as usize, participants, "{line}");
+    assert_eq!(
+        num(line, "ranked") as usize,
+        participants,
+        "not all ranked: {line}"
+    );
+    let wall = num(line, "wall_s");
+    let last = num(line, "last_join_to_ranked_s");
+    let (p50, p99) = (num(line, "p50_s"), num(line, "p99_s"));
+    assert!(wall > 0.0 && wall < 60.0, "wall_s: {line}");
+    assert!(
+        (0.0..=wall).contains(&last),
+        "last_join_to_ranked_s: {line}"
+    );
+    assert!(
+        p50 > 0.0 && p50 <= p99 && p99 <= wall + 1e-6,
+        "p50/p99: {line}"
+    );
+    let requests = num(line, "requests");
+    assert!(requests > 0.0, "requests: {line}");
+    let per_node = num(line, "requests_per_node");
+    assert!(
+        (per_node - requests / participants as f64).abs() < 1e-6,
+        "requests_per_node: {line}"
+    );
+    assert!(
+        per_node <= max_requests_per_node,
+        "{per_node} requests per node (at most {max_requests_per_node} expected): {line}"
+    );
+    assert!(num(line, "watch_events") >= 0.0, "watch_events: {line}");
+    let cpu = num(line, "cpu_s");
+    assert!((0.0..60.0).contains(&cpu), "cpu_s: {line}");
+    assert!(num(line, "peak_rss_bytes") > 1e6, "peak_rss_bytes: {line}");
+    assert!(
+        num(line, "etcd_cpu_s") >= 0.0,
+        "etcd_cpu_s (own etcd): {line}"
+    );
+}
+
+#[test]
+fn bench_full_rounds_one_json_line_per_size() {
+    let out = bench(&["--nodes", "2,4", "--json"]);
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 2, "one line per job size: {lines:?}");
+    for (line, n) in lines.iter().zip([2usize, 4]) {
+        assert_eq!(num(line, "nodes") as usize, n, "{line}");
+        assert_eq!(line["scenario"], "full", "{line}");
+        assert_eq!(num(line, "round") as u64, 1, "{line}");
+        // join, ctl watch, assignment read, membership watch; plus the finaliser's few.
+        check_line(line, n, 6.0);
+    }
+}
+
+#[test]
+fn bench_leave_reforms_the_round_without_the_leaver() {
+    let out = bench(&["--nodes", "4", "--scenario", "leave", "--json"]);
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["scenario"], "leave", "{line}");
+    assert_eq!(num(line, "nodes") as usize, 4, "{line}");
+    assert_eq!(num(line, "round") as u64, 2, "{line}");
+    // Plus the check that the lost peer was a member.
+    check_line(line, 3, 8.0);
+    let detect = num(line, "detect_p50_s");
+    assert!(
+        (0.0..5.0).contains(&detect),
+        "a leave is seen at once: {line}"
+    );
+}
