@@ -496,3 +496,58 @@ async fn large_rank_tables_are_written_in_chunks_within_etcds_txn_limit() {
         "the finaliser's claim must be removed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_old_rounds_are_removed() {
+    let etcd = etcd().await;
+    let p = params(&etcd.endpoint(), &run_id(), 1, 1);
+    let h = handler(&p).await;
+    for expected in 1..=5 {
+        let info = h.next_rendezvous().await.unwrap();
+        assert_eq!(info.round, expected);
+        info.store.set("k", b"v").await.unwrap();
+    }
+    let count = |prefix: String| {
+        let h = h.clone();
+        async move {
+            h.client()
+                .get(
+                    prefix,
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_count_only(),
+                    ),
+                )
+                .await
+                .unwrap()
+                .count()
+        }
+    };
+    for old in 1..=3 {
+        assert_eq!(
+            count(h.keys().round_prefix(old)).await,
+            0,
+            "round {old} keys remain"
+        );
+        assert_eq!(
+            count(h.keys().assign_prefix(old)).await,
+            0,
+            "round {old} ranks remain"
+        );
+        assert_eq!(
+            count(h.keys().kv_prefix(old)).await,
+            0,
+            "round {old} store remains"
+        );
+    }
+    assert!(
+        count(h.keys().round_prefix(5)).await > 0,
+        "the last round is kept"
+    );
+    assert_eq!(
+        count(h.keys().kv_prefix(4)).await,
+        1,
+        "the previous round's store is kept"
+    );
+}

@@ -468,10 +468,23 @@ impl EtcdRendezvousHandler {
                 TxnOp::put(k.assign(round, &c.node_id), encode(&a), leased())
             })
             .collect();
-        let finish = [
+        let mut finish = vec![
             TxnOp::put(k.final_key(round), encode(&record), leased()),
             TxnOp::put(k.current(), (round + 1).to_string(), leased()),
         ];
+        if round > 2 {
+            // Nobody reads a round two behind the one just completed: drop its keys.
+            let old = round - 2;
+            let range = |prefix: String| {
+                TxnOp::delete(
+                    prefix,
+                    Some(etcd_client::DeleteOptions::new().with_prefix()),
+                )
+            };
+            finish.push(range(k.round_prefix(old)));
+            finish.push(range(k.assign_prefix(old)));
+            finish.push(range(k.kv_prefix(old)));
+        }
         let open = [
             Compare::create_revision(k.final_key(round), CompareOp::Equal, 0),
             Compare::create_revision(k.closed(), CompareOp::Equal, 0),
@@ -508,7 +521,7 @@ impl EtcdRendezvousHandler {
         round: u64,
         token: &str,
         assigns: Vec<TxnOp>,
-        finish: [TxnOp; 2],
+        finish: Vec<TxnOp>,
         open: [Compare; 2],
     ) -> Result<bool, RendezvousError> {
         let k = &self.keys;
@@ -544,7 +557,7 @@ impl EtcdRendezvousHandler {
                 return Ok(false);
             }
         }
-        let mut ops = finish.to_vec();
+        let mut ops = finish;
         ops.push(TxnOp::delete(k.claim(round), None));
         let mut compares = open.to_vec();
         compares.push(ours());
