@@ -15,6 +15,8 @@
 //!   default [`HandlerRegistry`], in which the `etcd` backend is registered.
 //! - [`etcd::EtcdServer`]: starts a real, throw-away etcd for tests and standalone runs.
 
+#![warn(missing_docs)]
+
 pub mod bootstrap;
 pub mod endpoint;
 pub mod error;

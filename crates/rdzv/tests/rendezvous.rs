@@ -551,3 +551,56 @@ async fn keys_of_old_rounds_are_removed() {
         "the previous round's store is kept"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_waits_for_the_members_instead_of_starting_a_round_alone() {
+    let etcd = etcd().await;
+    let p = params(&etcd.endpoint(), &run_id(), 1, 3);
+    let (a, b) = (handler(&p).await, handler(&p).await);
+    let first = a.next_rendezvous().await.unwrap();
+    assert_eq!((first.round, first.world_size), (1, 1));
+    let mut ev = a.subscribe().unwrap();
+    let tb = tokio::spawn({
+        let b = b.clone();
+        async move { b.next_rendezvous().await }
+    });
+    wait_event(&mut ev, LIMIT, "NodesWaiting", |e| {
+        matches!(e, MembershipEvent::NodesWaiting { waiting: 1, .. })
+    })
+    .await;
+    // min_nodes is 1 and the last call 1 s, yet b must not complete a round without a.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !tb.is_finished(),
+        "the newcomer formed a round while the members were alive"
+    );
+    let second = bounded(LIMIT, "a re-joins", a.next_rendezvous())
+        .await
+        .unwrap();
+    let ib = bounded(LIMIT, "b's round", tb).await.unwrap().unwrap();
+    assert_eq!((second.round, second.world_size), (2, 2));
+    assert_eq!((ib.round, ib.world_size), (2, 2));
+    assert_eq!(second.rank, 0, "the member keeps its rank");
+    assert_eq!(ib.rank, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_starts_a_round_once_the_previous_one_dissolved() {
+    let etcd = etcd().await;
+    let p = params(&etcd.endpoint(), &run_id(), 1, 3);
+    let (a, b) = (handler(&p).await, handler(&p).await);
+    a.next_rendezvous().await.unwrap();
+    let tb = tokio::spawn({
+        let b = b.clone();
+        async move { b.next_rendezvous().await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!tb.is_finished());
+    a.shutdown().await.unwrap();
+    // b notices at its next check (every keep_alive_ttl = 3 s), then the 1 s last call runs.
+    let ib = bounded(Duration::from_secs(15), "b alone", tb)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((ib.round, ib.world_size, ib.rank), (2, 1, 0));
+}

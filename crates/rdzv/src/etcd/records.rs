@@ -28,6 +28,9 @@ pub struct NodeRecord {
     pub prev_rank: Option<usize>,
     /// Process id.
     pub pid: u32,
+    /// Set when the node left after the round without failing (a one-shot member).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detached: bool,
 }
 
 /// The summary of a completed round.

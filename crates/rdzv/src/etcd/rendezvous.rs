@@ -236,12 +236,17 @@ impl EtcdRendezvousHandler {
         if let Some(last) = st.last {
             let run_lease = self.run_lease_id().await?;
             let key = self.keys.member(last.round, &self.node.node_id);
+            let record = NodeRecord {
+                prev_rank: None,
+                detached: true,
+                ..self.node.clone()
+            };
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
                 .and_then([TxnOp::put(
                     key,
-                    Vec::new(),
-                    Some(PutOptions::new().with_lease(run_lease).with_ignore_value()),
+                    encode(&record),
+                    Some(PutOptions::new().with_lease(run_lease)),
                 )]);
             self.client.txn(txn).await?;
             st.joined.remove(&last.round);
@@ -385,6 +390,37 @@ impl EtcdRendezvousHandler {
                 "unexpected answer writing {key}"
             ))),
         }
+    }
+
+    /// True while some member of `round` is still in it: assigned a rank, its join record alive
+    /// and not detached.
+    async fn round_alive(&self, round: u64) -> Result<bool, RendezvousError> {
+        let assigned = self
+            .client
+            .get(
+                self.keys.assign_prefix(round),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        let records = self
+            .client
+            .get(
+                self.keys.member_prefix(round),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        let assigned: BTreeSet<String> = assigned
+            .kvs()
+            .iter()
+            .filter_map(|kv| kv.key_str().ok()?.rsplit('/').next().map(str::to_string))
+            .collect();
+        for kv in records.kvs() {
+            let rec: NodeRecord = decode(kv.key(), kv.value())?;
+            if !rec.detached && assigned.contains(&rec.node_id) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     async fn count_members(&self, round: u64) -> Result<i64, RendezvousError> {
@@ -592,6 +628,7 @@ impl EtcdRendezvousHandler {
         ctl: Vec<KeyValue>,
         join_revision: i64,
         deadline: Instant,
+        prev_member: bool,
     ) -> Result<RoundResult, RendezvousError> {
         let (min, max) = (
             self.settings.min_nodes as i64,
@@ -606,7 +643,10 @@ impl EtcdRendezvousHandler {
             Duration::from_secs(2) + jitter(&self.node.node_id, Duration::from_millis(1500));
         let mut next_attempt: Option<Instant> = None;
         let mut count = joined_count;
-        if count >= min && view.lastcall.is_none() {
+        // A newcomer does not start a round while the previous one lives: it waits for a
+        // member of that round to join (or arm the last call), or for the round to dissolve.
+        let mut gate_open = round == 1 || prev_member || view.lastcall.is_some();
+        if gate_open && count >= min && view.lastcall.is_none() {
             let wait = if count >= max {
                 0
             } else {
@@ -618,7 +658,7 @@ impl EtcdRendezvousHandler {
             }
             view.lastcall = Some((lc, rev));
         }
-        if count >= max {
+        if gate_open && count >= max {
             next_attempt = Some(Instant::now());
         }
         if next_attempt.is_none() {
@@ -657,6 +697,7 @@ impl EtcdRendezvousHandler {
                         for ev in events {
                             view.apply_event(&self.keys, &ev)?;
                         }
+                        gate_open |= view.lastcall.is_some();
                         if next_attempt.is_none() {
                             next_attempt = view.backup_time(grace);
                         }
@@ -676,12 +717,23 @@ impl EtcdRendezvousHandler {
                     }
                 }
                 _ = watchdog.tick() => {
-                    // Rare safety net: a node that should have armed the last call died first.
+                    if !gate_open {
+                        gate_open = !self.round_alive(round - 1).await?;
+                        if gate_open {
+                            tracing::info!(round, "the previous round dissolved; starting a new one");
+                        }
+                    }
+                    if !gate_open {
+                        continue;
+                    }
+                    // Also a safety net: a node that should have armed the last call died first.
                     count = self.count_members(round).await?;
                     if count >= min && view.lastcall.is_none() {
-                        let (lc, rev, _) = self.ensure_lastcall(round, now_ms()).await?;
+                        let wait = if count >= max { 0 } else { self.settings.last_call_timeout.as_millis() as u64 };
+                        let (lc, rev, mine) = self.ensure_lastcall(round, now_ms() + wait).await?;
+                        next_attempt = if mine { Some(instant_at(lc.deadline_ms)) } else { None };
                         view.lastcall = Some((lc, rev));
-                        next_attempt = view.backup_time(grace);
+                        next_attempt = next_attempt.or_else(|| view.backup_time(grace));
                     }
                     if count >= max {
                         next_attempt = Some(Instant::now());
@@ -716,8 +768,9 @@ impl EtcdRendezvousHandler {
             } => (count, ctl, revision),
         };
         tracing::debug!(round, joined = count, "joined round");
+        let prev_member = st.last.is_some_and(|c| c.round + 1 == round);
         let result = self
-            .await_round(round, count, ctl, revision, deadline)
+            .await_round(round, count, ctl, revision, deadline, prev_member)
             .await?;
         Ok(Step::Done(result))
     }
@@ -928,6 +981,7 @@ fn local_node_record(local_addr: Option<&str>, node_rank: Option<u64>) -> NodeRe
         node_rank,
         prev_rank: None,
         pid: std::process::id(),
+        detached: false,
     }
 }
 

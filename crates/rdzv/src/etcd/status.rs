@@ -121,6 +121,7 @@ pub async fn read_status(
                     node_rank: None,
                     prev_rank: None,
                     pid: 0,
+                    detached: false,
                 }),
             });
         }
