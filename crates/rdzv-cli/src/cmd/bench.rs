@@ -23,12 +23,17 @@
 //!   victim min = max = N, and is made to join before the last survivor, so the first round
 //!   always has all N); then one member crashes (its runtime is dropped: no shutdown, its
 //!   connection closes, its lease expires after `--ttl`). Measured: from the crash until the
-//!   N-1 survivors, which wait for `PeerLost` and then call `next_rendezvous`, are all ranked.
+//!   N-1 survivors, which wait for `PeerLost` (or, as a launcher does, for `NodesWaiting`:
+//!   peers already waiting in the next round) and then call `next_rendezvous`, are all ranked.
 //! - `leave`: the same with a graceful `shutdown()` instead of the crash.
 //! - `scale-up`: N-1 nodes (min = N-1, max = N, last call 3 s, which the measured round does
 //!   not wait for as it reaches max) form a round; then one more node calls
 //!   `next_rendezvous`. Measured: from that call until all N, the members reacting to
 //!   `NodesWaiting`, are ranked.
+//!
+//! In these three, the event comes 0.5 s after the first round, when the members' membership
+//! watches are caught up (steady state). A member whose event channel overflowed (`Lagged`)
+//! reacts as to an event.
 //!
 //! Ranks are checked: every participant of the measured round has the same round and world
 //! size and a distinct rank in `0..world_size`; otherwise the line reports an error.
@@ -65,6 +70,11 @@ const SCALE_UP_LAST_CALL_S: f64 = 3.0;
 
 /// Bound on waiting for the watches a round opens after it completes (for stable counts).
 const SETTLE_LIMIT: Duration = Duration::from_secs(3);
+
+/// Pause between a completed first round and the measured event (crash, leave, newcomer),
+/// so that the members' membership watches are in their steady state: a watch opened at a
+/// past revision is caught up by etcd's background sync, every 100 ms, 512 watches at a time.
+const QUIESCE: Duration = Duration::from_millis(500);
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize)]
@@ -430,6 +440,8 @@ struct Report {
     cpu_s: f64,
     etcd_cpu_s: Option<f64>,
     peak_rss_bytes: u64,
+    /// The resident set as the round started (the participants set up, idle).
+    rss_start_bytes: u64,
     /// Creating the handlers (and connections) before the round.
     setup_s: f64,
     setup_requests: u64,
@@ -547,6 +559,7 @@ fn median_report(reports: Vec<Report>) -> Report {
     out.cpu_s = f(|r| r.cpu_s);
     out.etcd_cpu_s = o(|r| r.etcd_cpu_s);
     out.peak_rss_bytes = u(|r| r.peak_rss_bytes);
+    out.rss_start_bytes = u(|r| r.rss_start_bytes);
     out.setup_s = f(|r| r.setup_s);
     out.setup_requests = u(|r| r.setup_requests);
     // Phases: those of the run with the median wall time.
@@ -603,14 +616,32 @@ fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Resets VmHWM to the current resident set, where the kernel allows (Linux 4.0+).
+/// Returns freed heap memory to the system (so that an earlier, larger measurement does not
+/// hold the resident set up), then resets VmHWM to the current resident set where the kernel
+/// allows (Linux 4.0+).
 fn reset_peak_rss() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// This process's current resident set (VmRSS), in bytes.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// Resource counters at the start of a measured round.
 struct Usage {
     stats: StatsSnapshot,
+    rss: u64,
     cpu_s: f64,
     etcd_cpu_s: Option<f64>,
     at: Instant,
@@ -620,6 +651,7 @@ impl Usage {
     fn start(ctx: &Ctx, clients: &[EtcdClient]) -> Self {
         reset_peak_rss();
         Self {
+            rss: rss_bytes(),
             stats: sum_stats(clients),
             cpu_s: process_cpu_s(),
             etcd_cpu_s: ctx.etcd_pid.and_then(pid_cpu_s),
@@ -1025,6 +1057,7 @@ impl Measured<'_> {
             cpu_s,
             etcd_cpu_s,
             peak_rss_bytes: peak_rss,
+            rss_start_bytes: self.usage.rss,
             setup_s: self.group.setup_s,
             setup_requests: self.group.setup_requests,
             phases,
@@ -1077,7 +1110,9 @@ fn spawn_reaction(
         loop {
             match events.recv().await {
                 Ok(ev) if wanted(&ev) => break,
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Ok(_) => continue,
+                // Events were lost (the handler's channel overflowed): something changed.
+                Err(broadcast::error::RecvError::Lagged(_)) => break,
                 Err(broadcast::error::RecvError::Closed) => {
                     bail!("participant {node}: the event channel closed")
                 }
@@ -1227,10 +1262,17 @@ async fn departure_rounds(
     let mut set = JoinSet::new();
     for (i, h) in group.handlers.iter().enumerate() {
         let events = h.subscribe().context("the etcd handler pushes no events")?;
+        // As a launcher does: a lost peer, or peers already waiting in the next round.
         spawn_reaction(&mut set, i, h.clone(), events, |ev| {
-            matches!(ev, MembershipEvent::PeerLost { .. })
+            matches!(
+                ev,
+                MembershipEvent::PeerLost { .. }
+                    | MembershipEvent::NodesWaiting { waiting: 1.., .. }
+            )
         });
     }
+    // Steady state: etcd catches up watches opened at past revisions every 100 ms.
+    tokio::time::sleep(QUIESCE).await;
     if let Some(p) = &ctx.profiler {
         p.clear();
     }
@@ -1304,6 +1346,7 @@ async fn measure_scale_up(ctx: &Ctx, n: usize) -> anyhow::Result<Report> {
                 |ev| matches!(ev, MembershipEvent::NodesWaiting { waiting, .. } if *waiting > 0),
             );
         }
+        tokio::time::sleep(QUIESCE).await;
         if let Some(p) = &ctx.profiler {
             p.clear();
         }
@@ -1550,5 +1593,47 @@ mod profile {
                 notify_max_s: notify.last().copied().unwrap_or(f64::NAN),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(node: usize, rank: usize, world_size: usize, round: u64) -> NodeResult {
+        let now = Instant::now();
+        NodeResult {
+            node,
+            start: now,
+            end: now,
+            rank,
+            world_size,
+            round,
+        }
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+        assert!(percentile(&[], 50.0).is_nan());
+        assert_eq!(median_f64(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median_f64(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median_u64(vec![5, 1, 3]), 3);
+    }
+
+    #[test]
+    fn ranks_must_form_one_complete_round() {
+        let ok: Vec<_> = (0..4).map(|i| result(i, 3 - i, 4, 2)).collect();
+        assert_eq!(check_ranks(&ok, 4).unwrap(), 2);
+        let duplicate = vec![result(0, 0, 2, 1), result(1, 0, 2, 1)];
+        assert!(check_ranks(&duplicate, 2).is_err());
+        let rounds = vec![result(0, 0, 2, 1), result(1, 1, 2, 2)];
+        assert!(check_ranks(&rounds, 2).is_err());
+        let size = vec![result(0, 0, 3, 1), result(1, 1, 3, 1)];
+        assert!(check_ranks(&size, 2).is_err());
+        assert!(check_ranks(&ok[..3], 4).is_err());
     }
 }
