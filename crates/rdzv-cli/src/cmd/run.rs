@@ -399,7 +399,11 @@ async fn monitor(
                 Ok(MembershipEvent::MembershipLost { round }) if round == info.round => {
                     return Outcome::MembershipChanged("this node's lease was lost".into());
                 }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // Events were lost: a peer loss may be among them. Restarting is safe.
+                    return Outcome::MembershipChanged(format!("{n} membership events were missed"));
+                }
+                Ok(_) => {}
                 Err(broadcast::error::RecvError::Closed) => return Outcome::Closed,
             },
             sig = signals.recv() => return Outcome::Signal(sig),

@@ -157,7 +157,7 @@ pub struct EtcdClient {
 
 /// The default bound on one request (a member cut off from its leader otherwise holds a
 /// request for etcd's own timeout, 5 s plus two election timeouts).
-pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl std::fmt::Debug for EtcdClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -8,14 +8,16 @@
 //! <prefix>/<run_id>/r/<round>/ctl/claim        finaliser's claim (large rounds only)
 //! <prefix>/<run_id>/r/<round>/ctl/final        the completed round's summary
 //! <prefix>/<run_id>/r/<round>/ctl/closed       copy of `closed` for the round's watchers
+//! <prefix>/<run_id>/r/<round>/ctl/waiting      written by the round's first joiner
 //! <prefix>/<run_id>/r/<round>/member/<node>    a node's join record (bound to its lease)
 //! <prefix>/<run_id>/assign/<round>/<node>      a member's rank
 //! <prefix>/<run_id>/kv/<round>/<key>           the round's store
 //! ```
 //!
 //! Round numbers are zero-padded so that keys sort by round: a member of round `r` watches the
-//! one range from `r/<r>/member/` to the end of `r/<r+1>/`, which holds exactly the deletions of
-//! its peers, the control keys of the next round and the nodes waiting for it.
+//! one range from `r/<r>/member/` to the end of `r/<r+1>/ctl/`, which holds exactly the
+//! departures of its peers and the control keys of the next round (someone waits, closed,
+//! final) — a constant number of events per member, however many nodes join the next round.
 
 /// Keys of one run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +90,11 @@ impl RunKeys {
         format!("{}final", self.ctl_prefix(round))
     }
 
+    /// The marker of a round's first joiner (members of the previous round watch it).
+    pub fn waiting(&self, round: u64) -> String {
+        format!("{}waiting", self.ctl_prefix(round))
+    }
+
     /// The closed marker in a round's control keys.
     pub fn round_closed(&self, round: u64) -> String {
         format!("{}closed", self.ctl_prefix(round))
@@ -118,12 +125,12 @@ impl RunKeys {
         format!("{}/kv/{round:012}/", self.base)
     }
 
-    /// The range a member of `round` watches after completion: its peers' join records, the
-    /// next round's control keys and the nodes waiting for it. Returns `(start, end)`.
+    /// The range a member of `round` watches after completion: its peers' join records and
+    /// the next round's control keys. Returns `(start, end)`.
     pub fn membership_range(&self, round: u64) -> (String, Vec<u8>) {
         (
             self.member_prefix(round),
-            prefix_end(&self.round_prefix(round + 1)),
+            prefix_end(&self.ctl_prefix(round + 1)),
         )
     }
 
@@ -156,7 +163,11 @@ mod tests {
         assert!(inside(&k.member(4, "n1")));
         assert!(inside(&k.final_key(5)));
         assert!(inside(&k.round_closed(5)));
-        assert!(inside(&k.member(5, "n2")));
+        assert!(inside(&k.waiting(5)));
+        assert!(
+            !inside(&k.member(5, "n2")),
+            "joins of the next round are not watched one by one"
+        );
         assert!(!inside(&k.final_key(4)));
         assert!(!inside(&k.lastcall(4)));
         assert!(!inside(&k.member(6, "n3")));

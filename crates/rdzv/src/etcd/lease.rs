@@ -95,10 +95,19 @@ async fn keep_alive_loop(client: EtcdClient, id: i64, ttl: Duration, lost: watch
                 continue;
             }
         };
+        // Opening the stream sent one renewal and read its (positive) answer.
+        valid_until = Instant::now() + ttl;
+        backoff = Duration::from_millis(100);
         loop {
-            match tokio::time::timeout(period.max(Duration::from_millis(500)), stream.message())
-                .await
-            {
+            tokio::time::sleep(period).await;
+            client.stats().count_keep_alive();
+            if keeper.keep_alive().await.is_err() {
+                break;
+            }
+            // A slow answer under load is no reason to drop the stream: wait for it as long as
+            // the lease is known to be valid.
+            let answer_by = valid_until.max(Instant::now() + period);
+            match tokio::time::timeout_at(answer_by, stream.message()).await {
                 Ok(Ok(Some(resp))) => {
                     if resp.ttl() <= 0 {
                         tracing::warn!(lease = id, "etcd says the lease is gone");
@@ -106,14 +115,8 @@ async fn keep_alive_loop(client: EtcdClient, id: i64, ttl: Duration, lost: watch
                         return;
                     }
                     valid_until = Instant::now() + Duration::from_secs(resp.ttl() as u64);
-                    backoff = Duration::from_millis(100);
                 }
                 Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
-            }
-            tokio::time::sleep(period).await;
-            client.stats().count_keep_alive();
-            if keeper.keep_alive().await.is_err() {
-                break;
             }
         }
         tracing::debug!(lease = id, "keep-alive stream broken; reconnecting");

@@ -1,5 +1,10 @@
 //! The membership monitor: after a round completes, one watch per member reports lost peers,
 //! nodes waiting for the next round, and closing, as [`MembershipEvent`]s.
+//!
+//! The watch covers the round's join records and the next round's control keys, not the next
+//! round's joins: the first joiner of the next round writes a marker, and the monitor then
+//! counts the waiting nodes once. A member thus receives a constant number of events per
+//! change, however many nodes join.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,7 +57,7 @@ pub(crate) fn spawn_monitor(args: MonitorArgs) -> JoinHandle<()> {
 #[derive(Debug, Default)]
 struct MonitorState {
     lost: BTreeSet<String>,
-    waiting: BTreeSet<String>,
+    waiting_seen: bool,
     next_revision: i64,
 }
 
@@ -73,14 +78,26 @@ impl MonitorArgs {
         })
     }
 
-    fn set_waiting(&self, state: &MonitorState) {
-        let n = state.waiting.len();
-        if self.waiting.swap(n, Ordering::Relaxed) != n {
-            self.emit(MembershipEvent::NodesWaiting {
-                round: self.round,
-                waiting: n,
-            });
+    /// Someone joined the next round: count how many wait (once) and tell.
+    async fn nodes_waiting(&self, state: &mut MonitorState) -> Result<(), RendezvousError> {
+        if state.waiting_seen {
+            return Ok(());
         }
+        let resp = self
+            .client
+            .get(
+                self.keys.member_prefix(self.round + 1),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await?;
+        state.waiting_seen = true;
+        let n = resp.count().max(1) as usize;
+        self.waiting.store(n, Ordering::Relaxed);
+        self.emit(MembershipEvent::NodesWaiting {
+            round: self.round,
+            waiting: n,
+        });
+        Ok(())
     }
 
     async fn peer_gone(
@@ -97,6 +114,27 @@ impl MonitorArgs {
                 round: self.round,
                 node_id: node_id.to_string(),
             });
+        }
+        Ok(())
+    }
+
+    /// Acts on one key of the watched range, present (`deleted == false`) or gone.
+    async fn on_key(
+        &self,
+        state: &mut MonitorState,
+        key: &str,
+        deleted: bool,
+    ) -> Result<(), RendezvousError> {
+        let Some((r, section, name)) = self.keys.parse_round_key(key) else {
+            return Ok(());
+        };
+        let round = self.round;
+        match (r == round, section, name, deleted) {
+            (true, "member", node, true) => self.peer_gone(state, node).await?,
+            (false, "ctl", "waiting", false) => self.nodes_waiting(state).await?,
+            (false, "ctl", "closed", false) => self.emit(MembershipEvent::Closed),
+            (false, "ctl", "final", false) => self.emit(MembershipEvent::RoundSuperseded { round }),
+            _ => {}
         }
         Ok(())
     }
@@ -120,22 +158,7 @@ async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<(), Ren
                         let Some(kv) = ev.kv() else { continue };
                         state.next_revision = kv.mod_revision() + 1;
                         let key = String::from_utf8_lossy(kv.key()).into_owned();
-                        let Some((r, section, name)) = args.keys.parse_round_key(&key) else { continue };
-                        let deleted = ev.event_type() == EventType::Delete;
-                        match (r == round, section, name, deleted) {
-                            (true, "member", node, true) => args.peer_gone(state, node).await?,
-                            (false, "member", node, false) if node != args.node_id => {
-                                state.waiting.insert(node.to_string());
-                                args.set_waiting(state);
-                            }
-                            (false, "member", node, true) => {
-                                state.waiting.remove(node);
-                                args.set_waiting(state);
-                            }
-                            (false, "ctl", "closed", false) => args.emit(MembershipEvent::Closed),
-                            (false, "ctl", "final", false) => args.emit(MembershipEvent::RoundSuperseded { round }),
-                            _ => {}
-                        }
+                        args.on_key(state, &key, ev.event_type() == EventType::Delete).await?;
                     }
                 }
                 WatchItem::Resync { kvs, revision } => {
@@ -166,19 +189,13 @@ async fn resync(
 ) -> Result<(), RendezvousError> {
     let round = args.round;
     let mut present = BTreeSet::new();
-    let mut waiting = BTreeSet::new();
     for kv in kvs {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         match args.keys.parse_round_key(&key) {
             Some((r, "member", node)) if r == round => {
                 present.insert(node.to_string());
             }
-            Some((_, "member", node)) if node != args.node_id => {
-                waiting.insert(node.to_string());
-            }
-            Some((_, "ctl", "closed")) => args.emit(MembershipEvent::Closed),
-            Some((_, "ctl", "final")) => args.emit(MembershipEvent::RoundSuperseded { round }),
-            _ => {}
+            _ => args.on_key(state, &key, false).await?,
         }
     }
     let assigns = args
@@ -195,7 +212,5 @@ async fn resync(
             args.peer_gone(state, node).await?;
         }
     }
-    state.waiting = waiting;
-    args.set_waiting(state);
     Ok(())
 }

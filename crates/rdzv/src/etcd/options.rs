@@ -8,7 +8,7 @@
 //! | `cacert`, `cert`, `key` | – | PEM files for TLS (server CA; client certificate and key) |
 //! | `username`, `password` | – | etcd authentication |
 //! | `connect_timeout` | `5s` | bound on connecting to etcd |
-//! | `request_timeout` | `3s` | bound on one etcd request (then the next endpoint is tried) |
+//! | `request_timeout` | `5s` | bound on one etcd request (then the next endpoint is tried) |
 //! | `etcd_prefix` | `/rdzv` | key prefix; a run lives under `<prefix>/<run_id>/` |
 //! | `timeout` | `600s` | bound on one `next_rendezvous()` |
 //! | `last_call_timeout` | `30s` | wait after `min_nodes` have joined, for more to come |

@@ -103,6 +103,18 @@ enum JoinOutcome {
     Closed,
 }
 
+/// What the join of a round told this node.
+struct Joined {
+    /// Nodes in the round after our join.
+    count: i64,
+    /// The round's control keys at our join.
+    ctl: Vec<KeyValue>,
+    /// The revision of our join.
+    revision: i64,
+    /// Whether we were a member of the previous round.
+    prev_member: bool,
+}
+
 /// What one attempt at a round ended with.
 enum Step {
     Done(RoundResult),
@@ -161,7 +173,7 @@ impl EtcdRendezvousHandler {
             node_lease: Mutex::new(node_lease),
             run_lease: Mutex::new(run_lease),
             state: Mutex::new(RoundState::default()),
-            events: broadcast::channel(256).0,
+            events: broadcast::channel(1024).0,
             waiting: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -302,6 +314,22 @@ impl EtcdRendezvousHandler {
             ),
             TxnOp::get(k.ctl_prefix(round), Some(GetOptions::new().with_prefix())),
         ];
+        if round > 1 {
+            // The members of the previous round watch for this marker, not for every join.
+            let run_lease = self.run_lease_id().await?;
+            let marker = Txn::new()
+                .when([Compare::create_revision(
+                    k.waiting(round),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then([TxnOp::put(
+                    k.waiting(round),
+                    self.node.node_id.clone(),
+                    Some(PutOptions::new().with_lease(run_lease)),
+                )]);
+            ops.push(TxnOp::txn(marker));
+        }
         let stale: Vec<u64> = st
             .joined
             .iter()
@@ -624,12 +652,16 @@ impl EtcdRendezvousHandler {
     async fn await_round(
         &self,
         round: u64,
-        joined_count: i64,
-        ctl: Vec<KeyValue>,
-        join_revision: i64,
+        joined: Joined,
         deadline: Instant,
-        prev_member: bool,
+        mut watch: RangeWatch,
     ) -> Result<RoundResult, RendezvousError> {
+        let Joined {
+            count: joined_count,
+            ctl,
+            revision: join_revision,
+            prev_member,
+        } = joined;
         let (min, max) = (
             self.settings.min_nodes as i64,
             self.settings.max_nodes as i64,
@@ -664,13 +696,6 @@ impl EtcdRendezvousHandler {
         if next_attempt.is_none() {
             next_attempt = view.backup_time(grace);
         }
-        let mut watch = RangeWatch::open(
-            &self.client,
-            self.keys.ctl_prefix(round),
-            prefix_end(&self.keys.ctl_prefix(round)),
-            join_revision + 1,
-        )
-        .await?;
         let mut lease_lost = self.node_lease.lock().await.lost_receiver();
         let mut watchdog = tokio::time::interval_at(
             Instant::now() + self.settings.keep_alive_ttl,
@@ -694,8 +719,12 @@ impl EtcdRendezvousHandler {
             tokio::select! {
                 item = watch.next() => match item? {
                     WatchItem::Events(events) => {
-                        for ev in events {
-                            view.apply_event(&self.keys, &ev)?;
+                        // Events up to the join are in the join's snapshot already.
+                        let fresh = events
+                            .iter()
+                            .filter(|e| e.kv().is_some_and(|kv| kv.mod_revision() > join_revision));
+                        for ev in fresh {
+                            view.apply_event(&self.keys, ev)?;
                         }
                         gate_open |= view.lastcall.is_some();
                         if next_attempt.is_none() {
@@ -758,6 +787,14 @@ impl EtcdRendezvousHandler {
         lease: i64,
         deadline: Instant,
     ) -> Result<Step, RendezvousError> {
+        // Watch the round's control keys before joining: a live watch is served at once,
+        // and together with the join's snapshot nothing is missed.
+        let (watch, _) = RangeWatch::open_live(
+            &self.client,
+            self.keys.ctl_prefix(round),
+            prefix_end(&self.keys.ctl_prefix(round)),
+        )
+        .await?;
         let (count, ctl, revision) = match self.join(st, round, lease).await? {
             JoinOutcome::Closed => return Ok(Step::Closed),
             JoinOutcome::Stale { open_round } => return Ok(Step::Stale(open_round)),
@@ -770,7 +807,17 @@ impl EtcdRendezvousHandler {
         tracing::debug!(round, joined = count, "joined round");
         let prev_member = st.last.is_some_and(|c| c.round + 1 == round);
         let result = self
-            .await_round(round, count, ctl, revision, deadline, prev_member)
+            .await_round(
+                round,
+                Joined {
+                    count,
+                    ctl,
+                    revision,
+                    prev_member,
+                },
+                deadline,
+                watch,
+            )
             .await?;
         Ok(Step::Done(result))
     }
@@ -854,6 +901,19 @@ fn instant_at(unix_ms: u64) -> Instant {
     } else {
         Instant::now() + Duration::from_millis(unix_ms - now)
     }
+}
+
+/// A random number in `[0, 1)` (std's per-process random hash keys, no extra crate).
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A stable per-node delay in `[0, max)`, so that backups do not all fire at once.
@@ -1063,7 +1123,10 @@ impl RendezvousHandler for EtcdRendezvousHandler {
                 Err(e) if Instant::now() < deadline && (is_transient(&e) || is_lease_gone(&e)) => {
                     // Our join record stays (same lease, same join order): join again.
                     tracing::warn!(round, error = %e, "etcd unavailable; retrying");
-                    let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                    // Jittered, so that a crowd of nodes does not retry in step.
+                    let pause = backoff
+                        .mul_f64(0.5 + random_fraction())
+                        .min(deadline.saturating_duration_since(Instant::now()));
                     tokio::time::sleep(pause).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     if is_lease_gone(&e) {

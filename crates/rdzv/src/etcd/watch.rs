@@ -62,6 +62,41 @@ impl RangeWatch {
         Ok(watch)
     }
 
+    /// Starts watching `[start, end)` from now on, and returns the revision after which every
+    /// event will be delivered. Unlike a watch from a past revision, which etcd serves from a
+    /// background loop (100 ms batches), this one is live at once.
+    ///
+    /// # Errors
+    /// [`RendezvousError::Connection`] if the watch cannot be created.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn open_live(
+        client: &EtcdClient,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+    ) -> Result<(Self, i64), RendezvousError> {
+        let (start, end) = (start.into(), end.into());
+        let options = WatchOptions::new().with_range(end.clone());
+        let mut stream = client.watch(start.clone(), Some(options)).await?;
+        let created = stream
+            .message()
+            .await
+            .map_err(|e| super::client::map_err("watch", e))?
+            .ok_or_else(|| {
+                RendezvousError::Connection("watch: stream ended before it was created".into())
+            })?;
+        let revision = created.header().map(|h| h.revision()).unwrap_or(0);
+        let watch = Self {
+            client: client.clone(),
+            start,
+            end,
+            next_revision: revision + 1,
+            stream: Some(stream),
+        };
+        Ok((watch, revision))
+    }
+
     async fn reopen(&mut self) -> Result<(), RendezvousError> {
         let options = WatchOptions::new()
             .with_range(self.end.clone())
