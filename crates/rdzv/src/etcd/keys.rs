@@ -10,6 +10,7 @@
 //! <prefix>/<run_id>/r/<round>/ctl/closed       copy of `closed` for the round's watchers
 //! <prefix>/<run_id>/r/<round>/ctl/waiting      written by the round's first joiner
 //! <prefix>/<run_id>/r/<round>/member/<node>    a node's join record (bound to its lease)
+//! <prefix>/<run_id>/r/<round>/seq              its version counts the round's joins
 //! <prefix>/<run_id>/assign/<round>/<node>      a member's rank
 //! <prefix>/<run_id>/kv/<round>/<key>           the round's store
 //! ```
@@ -98,6 +99,11 @@ impl RunKeys {
     /// The closed marker in a round's control keys.
     pub fn round_closed(&self, round: u64) -> String {
         format!("{}closed", self.ctl_prefix(round))
+    }
+
+    /// The key whose version counts the joins of a round.
+    pub fn join_seq(&self, round: u64) -> String {
+        format!("{}seq", self.round_prefix(round))
     }
 
     /// `r/<round>/member/`.

@@ -302,21 +302,24 @@ impl EtcdRendezvousHandler {
             prev_rank,
             ..self.node.clone()
         };
+        let run_lease = self.run_lease_id().await?;
         let mut ops = vec![
             TxnOp::put(
                 k.member(round, &self.node.node_id),
                 encode(&record),
                 Some(PutOptions::new().with_lease(lease)),
             ),
-            TxnOp::get(
-                k.member_prefix(round),
-                Some(GetOptions::new().with_prefix().with_count_only()),
+            // Counting joins by the version of one key costs etcd O(1), where counting the
+            // join records would cost O(N) per join.
+            TxnOp::put(
+                k.join_seq(round),
+                Vec::new(),
+                Some(PutOptions::new().with_lease(run_lease).with_prev_key()),
             ),
             TxnOp::get(k.ctl_prefix(round), Some(GetOptions::new().with_prefix())),
         ];
         if round > 1 {
             // The members of the previous round watch for this marker, not for every join.
-            let run_lease = self.run_lease_id().await?;
             let marker = Txn::new()
                 .when([Compare::create_revision(
                     k.waiting(round),
@@ -356,7 +359,7 @@ impl EtcdRendezvousHandler {
             st.joined.insert(round);
             let _put = responses.next();
             let count = match responses.next() {
-                Some(TxnOpResponse::Get(g)) => g.count(),
+                Some(TxnOpResponse::Put(p)) => p.prev_key().map_or(0, |kv| kv.version()) + 1,
                 _ => 0,
             };
             let ctl = match responses.next() {
@@ -678,6 +681,11 @@ impl EtcdRendezvousHandler {
         // A newcomer does not start a round while the previous one lives: it waits for a
         // member of that round to join (or arm the last call), or for the round to dissolve.
         let mut gate_open = round == 1 || prev_member || view.lastcall.is_some();
+        // `count` counts joins, an upper bound of the members (some may have left): at a
+        // threshold, count the members themselves.
+        if gate_open && count >= min.min(max) && (view.lastcall.is_none() || count >= max) {
+            count = self.count_members(round).await?;
+        }
         if gate_open && count >= min && view.lastcall.is_none() {
             let wait = if count >= max {
                 0
