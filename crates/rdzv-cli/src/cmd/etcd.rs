@@ -30,26 +30,9 @@ pub struct EtcdArgs {
     etcd_args: Vec<OsString>,
 }
 
-/// Parses `250ms`, `1.5s`, `2m`, `1h` or a bare number of seconds.
+/// Parses `250ms`, `1.5s`, `2m`, `1h` or a bare number of seconds (the library's rules).
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, secs): (&str, fn(f64) -> f64) = if let Some(n) = text.strip_suffix("ms") {
-        (n, |v| v / 1000.0)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, |v| v)
-    } else if let Some(n) = text.strip_suffix('m') {
-        (n, |v| v * 60.0)
-    } else if let Some(n) = text.strip_suffix('h') {
-        (n, |v| v * 3600.0)
-    } else {
-        (text, |v| v)
-    };
-    let value: f64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration (e.g. 30s, 500ms, 2m)"))?;
-    Duration::try_from_secs_f64(secs(value))
-        .map_err(|e| format!("`{text}` is not a valid duration: {e}"))
+    rdzv::parse_duration(text).map_err(|e| format!("`{}` is not a duration: {e}", text.trim()))
 }
 
 /// Runs `rdzv etcd`.
