@@ -1,0 +1,296 @@
+//! Results of one measurement: the report line, medians, and the process's CPU and memory.
+
+use super::*;
+
+/// One line of output.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct Report {
+    /// The job size N.
+    pub(super) nodes: usize,
+    pub(super) scenario: Scenario,
+    /// Participants of the measured round (N, or N-1 after a kill or leave).
+    pub(super) participants: usize,
+    /// Participants that got a valid rank (all of them, or the line reports an error).
+    pub(super) ranked: usize,
+    /// Measurements whose medians these are.
+    pub(super) runs: usize,
+    /// etcd connections (clients) of the participants of the measured round.
+    pub(super) connections: usize,
+    pub(super) ttl_s: u64,
+    /// The last_call_timeout of the participants of the measured round.
+    pub(super) last_call_s: f64,
+    /// The measured round's number.
+    pub(super) round: u64,
+    pub(super) wall_s: f64,
+    pub(super) last_join_to_ranked_s: f64,
+    pub(super) p50_s: f64,
+    pub(super) p99_s: f64,
+    pub(super) max_s: f64,
+    /// From the crash/leave/newcomer to each reacting participant's call (median, max).
+    pub(super) detect_p50_s: Option<f64>,
+    pub(super) detect_max_s: Option<f64>,
+    pub(super) requests: u64,
+    pub(super) requests_per_node: f64,
+    pub(super) watch_creates: u64,
+    pub(super) watch_events: u64,
+    pub(super) keep_alives: u64,
+    pub(super) cpu_s: f64,
+    pub(super) etcd_cpu_s: Option<f64>,
+    pub(super) peak_rss_bytes: u64,
+    /// The resident set as the round started (the participants set up, idle).
+    pub(super) rss_start_bytes: u64,
+    /// Creating the handlers (and connections) before the round.
+    pub(super) setup_s: f64,
+    pub(super) setup_requests: u64,
+    pub(super) phases: Option<profile::Phases>,
+}
+
+pub(super) fn table_header() -> String {
+    format!(
+        "{:<9} {:>6} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>7} {:>7} {:>8} {:>7}",
+        "scenario",
+        "nodes",
+        "wall_s",
+        "last→rk_s",
+        "p50_s",
+        "p99_s",
+        "detect_s",
+        "requests",
+        "req/nd",
+        "watch_ev",
+        "keepaliv",
+        "cpu_s",
+        "etcd_s",
+        "rss_MiB",
+        "setup_s",
+        "set_req",
+    )
+}
+
+pub(super) fn table_row(r: &Report) -> String {
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
+    format!(
+        "{:<9} {:>6} {:>8.3} {:>9.3} {:>8.3} {:>8.3} {:>8} {:>8} {:>7.2} {:>8} {:>8} {:>7.2} {:>7} {:>7.1} {:>8.2} {:>7}",
+        r.scenario.name(),
+        r.nodes,
+        r.wall_s,
+        r.last_join_to_ranked_s,
+        r.p50_s,
+        r.p99_s,
+        opt(r.detect_p50_s),
+        r.requests,
+        r.requests_per_node,
+        r.watch_events,
+        r.keep_alives,
+        r.cpu_s,
+        r.etcd_cpu_s
+            .map_or_else(|| "-".to_string(), |v| format!("{v:.2}")),
+        r.peak_rss_bytes as f64 / (1024.0 * 1024.0),
+        r.setup_s,
+        r.setup_requests,
+    )
+}
+
+pub(super) fn phases_row(p: &profile::Phases) -> String {
+    format!(
+        "  phases: join txn p50 {:.3} s max {:.3} s; all joined at {:.3} s; finalise {:.3} s \
+         ({} by the finaliser); finalised at {:.3} s; final → ranked p50 {:.3} s max {:.3} s",
+        p.join_p50_s,
+        p.join_max_s,
+        p.all_joined_s,
+        p.finalise_s,
+        p.finaliser_requests
+            .map_or_else(|| "? requests".to_string(), |r| format!("{r} requests")),
+        p.finalised_s,
+        p.notify_p50_s,
+        p.notify_max_s,
+    )
+}
+
+pub(super) fn median_f64(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+pub(super) fn median_u64(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values
+        .get(values.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Per-field medians of several measurements of the same thing.
+pub(super) fn median_report(reports: Vec<Report>) -> Report {
+    let mut out = reports[reports.len() / 2].clone();
+    if reports.len() == 1 {
+        return out;
+    }
+    let f = |get: fn(&Report) -> f64| median_f64(reports.iter().map(get).collect());
+    let u = |get: fn(&Report) -> u64| median_u64(reports.iter().map(get).collect());
+    let o = |get: fn(&Report) -> Option<f64>| {
+        let v: Vec<f64> = reports.iter().filter_map(get).collect();
+        (!v.is_empty()).then(|| median_f64(v))
+    };
+    out.runs = reports.len();
+    out.wall_s = f(|r| r.wall_s);
+    out.last_join_to_ranked_s = f(|r| r.last_join_to_ranked_s);
+    out.p50_s = f(|r| r.p50_s);
+    out.p99_s = f(|r| r.p99_s);
+    out.max_s = f(|r| r.max_s);
+    out.detect_p50_s = o(|r| r.detect_p50_s);
+    out.detect_max_s = o(|r| r.detect_max_s);
+    out.requests = u(|r| r.requests);
+    out.requests_per_node = f(|r| r.requests_per_node);
+    out.watch_creates = u(|r| r.watch_creates);
+    out.watch_events = u(|r| r.watch_events);
+    out.keep_alives = u(|r| r.keep_alives);
+    out.cpu_s = f(|r| r.cpu_s);
+    out.etcd_cpu_s = o(|r| r.etcd_cpu_s);
+    out.peak_rss_bytes = u(|r| r.peak_rss_bytes);
+    out.rss_start_bytes = u(|r| r.rss_start_bytes);
+    out.setup_s = f(|r| r.setup_s);
+    out.setup_requests = u(|r| r.setup_requests);
+    // Phases: those of the run with the median wall time.
+    let mut by_wall: Vec<&Report> = reports.iter().collect();
+    by_wall.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
+    out.phases = by_wall[by_wall.len() / 2].phases.clone();
+    out
+}
+
+/// Nearest-rank percentile of sorted values.
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process resources
+
+/// User plus system CPU time of this process, in seconds.
+pub(super) fn process_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// User plus system CPU time of process `pid` (from /proc), in seconds.
+pub(super) fn pid_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, utime 14 and stime 15 (1-based, of the whole line).
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) / ticks as f64)
+}
+
+/// This process's peak resident set (VmHWM), in bytes.
+pub(super) fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Returns freed heap memory to the system (so that an earlier, larger measurement does not
+/// hold the resident set up), then resets VmHWM to the current resident set where the kernel
+/// allows (Linux 4.0+).
+pub(super) fn reset_peak_rss() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// This process's current resident set (VmRSS), in bytes.
+pub(super) fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Resource counters at the start of a measured round.
+pub(super) struct Usage {
+    pub(super) stats: StatsSnapshot,
+    pub(super) rss: u64,
+    pub(super) cpu_s: f64,
+    pub(super) etcd_cpu_s: Option<f64>,
+    pub(super) at: Instant,
+}
+
+impl Usage {
+    pub(super) fn start(ctx: &Ctx, clients: &[EtcdClient]) -> Self {
+        reset_peak_rss();
+        Self {
+            rss: rss_bytes(),
+            stats: sum_stats(clients),
+            cpu_s: process_cpu_s(),
+            etcd_cpu_s: ctx.etcd_pid.and_then(pid_cpu_s),
+            at: Instant::now(),
+        }
+    }
+}
+
+pub(super) fn sum_stats(clients: &[EtcdClient]) -> StatsSnapshot {
+    clients
+        .iter()
+        .map(|c| c.stats().snapshot())
+        .fold(StatsSnapshot::default(), |a, s| StatsSnapshot {
+            requests: a.requests + s.requests,
+            watch_creates: a.watch_creates + s.watch_creates,
+            watch_events: a.watch_events + s.watch_events,
+            keep_alives: a.keep_alives + s.keep_alives,
+        })
+}
+
+/// Waits (bounded) until the clients have opened `expected` watches since `since`: a member
+/// opens its membership watch from a task started as its round completes.
+pub(super) async fn settle_watches(clients: &[EtcdClient], since: &StatsSnapshot, expected: u64) {
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    while sum_stats(clients).since(since).watch_creates < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Participants
+
+pub(super) fn progress_bar(ctx: &Ctx, len: usize, what: &str) -> ProgressBar {
+    if !ctx.progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    if let Ok(style) =
+        ProgressStyle::with_template("{prefix:>28} [{bar:40}] {pos}/{len} {elapsed_precise}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(what.to_string());
+    bar
+}
