@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building and testing rdzv needs on a Debian/Ubuntu machine, if missing:
-# protoc (etcd-client's build) and etcd (tests and standalone runs).
+# protoc (etcd-client's build), etcd (tests and standalone runs) and openssl (TLS tests).
 set -euo pipefail
 missing=()
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+# The TLS tests make their certificates with the openssl command.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ -z "${RDZV_ETCD_BINARY:-}" ] && ! command -v etcd >/dev/null 2>&1; then
   missing+=(etcd-server)
 fi

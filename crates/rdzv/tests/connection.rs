@@ -103,3 +103,16 @@ async fn unknown_backend_lists_the_known_ones() {
     let msg = err.to_string();
     assert!(msg.contains("zookeeper") && msg.contains("etcd"), "{msg}");
 }
+
+#[tokio::test]
+async fn tls_files_with_plain_http_are_a_configuration_error() {
+    let p = RendezvousParameters::new("etcd", "127.0.0.1:1", "job", 1, 1)
+        .unwrap()
+        .with_config("protocol", "http")
+        .with_config("cacert", "/some/ca.pem");
+    let err = EtcdRendezvousHandler::connect(&p).await.unwrap_err();
+    assert!(
+        matches!(err, RendezvousError::InvalidConfig { ref key, .. } if key == "protocol"),
+        "{err}"
+    );
+}

@@ -26,7 +26,7 @@ pub use options::{ConnectionOptions, RendezvousSettings, DEFAULT_ETCD_PORT};
 pub use rendezvous::EtcdRendezvousHandler;
 pub use server::{
     find_etcd_binary, find_etcd_binary_from, EtcdCluster, EtcdServer, EtcdServerError,
-    EtcdServerOptions, ETCD_BINARY_ENV,
+    EtcdServerOptions, EtcdTls, ETCD_BINARY_ENV,
 };
 pub use status::{read_status, MemberStatus, RunStatus};
 pub use store::EtcdStore;

@@ -123,6 +123,10 @@ impl ConnectionOptions {
             .get("protocol")
             .map(|p| p.trim().to_ascii_lowercase())
         {
+            // TLS files without a protocol mean https.
+            None if path(params, "cacert").is_some() || path(params, "cert").is_some() => {
+                Scheme::Https
+            }
             None => Scheme::Http,
             Some(p) if p == "http" => Scheme::Http,
             Some(p) if p == "https" => Scheme::Https,
@@ -155,6 +159,16 @@ impl ConnectionOptions {
             return Err(bad(
                 "username",
                 "`username` and `password` must be given together".into(),
+            ));
+        }
+        if (options.cacert.is_some() || options.cert.is_some())
+            && options.urls().iter().any(|u| u.starts_with("http://"))
+        {
+            return Err(bad(
+                "protocol",
+                "`cacert`/`cert` are given but an endpoint uses plain http: use protocol=https \
+                 (or https:// endpoints)"
+                    .into(),
             ));
         }
         if options.request_timeout.is_zero() {

@@ -30,7 +30,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
@@ -191,6 +191,47 @@ pub struct EtcdServerOptions {
     pub extra_args: Vec<OsString>,
     /// The etcd binary; `None` (the default) means [`find_etcd_binary`].
     pub binary: Option<PathBuf>,
+    /// TLS on the client URLs; `None` (the default) serves plain HTTP.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS for the client URLs of an [`EtcdServer`] or [`EtcdCluster`] (peer URLs stay plain
+/// HTTP): the client URLs become `https://127.0.0.1:<port>`, and the helper's own clients (the
+/// readiness probes, [`EtcdServer::client`] and friends) connect with TLS too.
+///
+/// All files are PEM and must stay in place while the server runs (etcd reads them on every
+/// handshake).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA certificate: etcd's `--trusted-ca-file` (the CA client certificates must chain
+    /// to) and the CA the helper's clients trust for the server certificate.
+    pub ca: PathBuf,
+    /// The server certificate (`--cert-file`), signed by `ca`. Clients connect by IP, so it
+    /// must be valid for `127.0.0.1` (an IP subject alternative name). With
+    /// `client_cert_auth` the helper's clients present it (with `key`) as their client
+    /// certificate too, so it must then also allow client authentication (extended key usage
+    /// `clientAuth` besides `serverAuth`, or no extended key usage at all).
+    pub cert: PathBuf,
+    /// The private key of `cert` (`--key-file`).
+    pub key: PathBuf,
+    /// Whether etcd requires clients to present a certificate signed by `ca`
+    /// (`--client-cert-auth`).
+    pub client_cert_auth: bool,
+}
+
+impl EtcdTls {
+    /// The client options of the helper's own clients.
+    fn client_tls(&self) -> Result<TlsOptions, EtcdServerError> {
+        let read = |path: &Path| {
+            std::fs::read(path)
+                .map_err(|e| EtcdServerError::io(format!("cannot read {}", path.display()), e))
+        };
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&self.ca)?));
+        if self.client_cert_auth {
+            tls = tls.identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?));
+        }
+        Ok(tls)
+    }
 }
 
 impl Default for EtcdServerOptions {
@@ -199,6 +240,7 @@ impl Default for EtcdServerOptions {
             ready_timeout: Duration::from_secs(30),
             extra_args: Vec::new(),
             binary: None,
+            tls: None,
         }
     }
 }
@@ -287,6 +329,14 @@ fn url(port: u16) -> String {
     format!("http://{HOST}:{port}")
 }
 
+/// The client URL on `port`: `https://` with TLS, else `http://`.
+fn client_url(port: u16, tls: Option<&EtcdTls>) -> String {
+    match tls {
+        Some(_) => format!("https://{HOST}:{port}"),
+        None => url(port),
+    }
+}
+
 /// A running etcd child process; killed and reaped on [`Proc::kill`] or drop.
 #[derive(Debug)]
 struct Proc {
@@ -361,6 +411,8 @@ struct MemberSpec {
     cluster_token: String,
     heartbeat_ms: u32,
     election_ms: u32,
+    /// TLS on the client URL.
+    tls: Option<EtcdTls>,
 }
 
 impl MemberSpec {
@@ -376,11 +428,16 @@ impl MemberSpec {
             cluster_token: String::new(),
             heartbeat_ms: 100,
             election_ms: 1000,
+            tls: None,
         }
     }
 
     fn endpoint(&self) -> String {
         format!("{HOST}:{}", self.client_port)
+    }
+
+    fn client_url(&self) -> String {
+        client_url(self.client_port, self.tls.as_ref())
     }
 
     /// Spawns etcd; `existing` restarts a member on its existing data dir.
@@ -400,7 +457,7 @@ impl MemberSpec {
             .try_clone()
             .map_err(|e| EtcdServerError::io(format!("cannot open {}", log_path.display()), e))?;
 
-        let client_url = url(self.client_port);
+        let client_url = self.client_url();
         let peer_url = url(self.peer_port);
         let mut cmd = Command::new(binary);
         cmd.arg("--name")
@@ -427,8 +484,19 @@ impl MemberSpec {
             .arg("--quota-backend-bytes=268435456")
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
-            .arg("--log-level=warn")
-            .args(extra_args)
+            .arg("--log-level=warn");
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca);
+            if tls.client_cert_auth {
+                cmd.arg("--client-cert-auth");
+            }
+        }
+        cmd.args(extra_args)
             .current_dir(&self.base_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -582,23 +650,33 @@ fn log_tail(path: &Path) -> String {
     }
 }
 
-async fn connect(endpoints: &[String]) -> Result<Client, EtcdServerError> {
-    Client::connect(
-        endpoints,
-        Some(ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT)),
-    )
-    .await
-    .map_err(|source| EtcdServerError::Connect {
-        endpoints: endpoints.join(","),
-        source,
-    })
+/// Connects to `host:port` endpoints, over TLS if `tls` is given.
+async fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Client, EtcdServerError> {
+    let mut options = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT);
+    let urls: Vec<String> = match tls {
+        Some(tls) => {
+            options = options.with_tls(tls.client_tls()?);
+            endpoints.iter().map(|e| format!("https://{e}")).collect()
+        }
+        None => endpoints.to_vec(),
+    };
+    Client::connect(&urls, Some(options))
+        .await
+        .map_err(|source| EtcdServerError::Connect {
+            endpoints: urls.join(","),
+            source,
+        })
 }
 
 /// One readiness probe of a member: a linearizable read through its own endpoint (needs a
 /// leader), and the member list must contain exactly our peer URLs (so a foreign etcd that
 /// grabbed the port does not pass for ours).
-async fn probe_member(endpoint: &str, peer_urls: &[String]) -> Result<(), String> {
-    let mut client = connect(&[endpoint.to_owned()])
+async fn probe_member(
+    endpoint: &str,
+    peer_urls: &[String],
+    tls: Option<&EtcdTls>,
+) -> Result<(), String> {
+    let mut client = connect(&[endpoint.to_owned()], tls)
         .await
         .map_err(|e| e.to_string())?;
     client
@@ -768,6 +846,7 @@ impl EtcdServer {
                 cluster_token: cluster_token(),
                 heartbeat_ms: 10,
                 election_ms: 100,
+                tls: options.tls.clone(),
                 ..MemberSpec::new(
                     "rdzv".to_owned(),
                     temp_dir.path().to_path_buf(),
@@ -780,7 +859,7 @@ impl EtcdServer {
             let endpoint = spec.endpoint();
             let peer_urls = [url(peer_port)];
             let waited = wait_ready(&mut [&mut proc], deadline, || {
-                probe_member(&endpoint, &peer_urls)
+                probe_member(&endpoint, &peer_urls, options.tls.as_ref())
             })
             .await;
             match waited {
@@ -820,9 +899,10 @@ impl EtcdServer {
         self.spec.endpoint()
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:41234`.
+    /// The client URL, e.g. `http://127.0.0.1:41234` (`https://` with
+    /// [`EtcdServerOptions::tls`]).
     pub fn endpoint_url(&self) -> String {
-        url(self.spec.client_port)
+        self.spec.client_url()
     }
 
     /// The client host (`127.0.0.1`).
@@ -894,7 +974,7 @@ impl EtcdServer {
         if self.temp_dir.is_none() {
             return Err(EtcdServerError::Stopped);
         }
-        connect(&[self.endpoint()]).await
+        connect(&[self.endpoint()], self.spec.tls.as_ref()).await
     }
 
     /// Kills etcd (`SIGKILL`), reaps it and removes its temporary directory. Idempotent; also
@@ -995,6 +1075,7 @@ impl EtcdCluster {
                     cluster_token: token.clone(),
                     heartbeat_ms: 50,
                     election_ms: 500,
+                    tls: options.tls.clone(),
                     ..MemberSpec::new(format!("m{i}"), base_dir, ports[2 * i], ports[2 * i + 1])
                 };
                 let proc = spec.spawn(&binary, &options.extra_args, false)?;
@@ -1004,7 +1085,7 @@ impl EtcdCluster {
             let waited = {
                 let mut procs: Vec<&mut Proc> = members.iter_mut().map(|m| &mut m.proc).collect();
                 wait_ready(&mut procs, deadline, || {
-                    probe_cluster(&endpoints, &peer_urls)
+                    probe_cluster(&endpoints, &peer_urls, options.tls.as_ref())
                 })
                 .await
             };
@@ -1117,7 +1198,7 @@ impl EtcdCluster {
         if self.temp_dir.is_none() {
             return Err(EtcdServerError::Stopped);
         }
-        connect(&self.endpoint_list()).await
+        connect(&self.endpoint_list(), self.options.tls.as_ref()).await
     }
 
     /// A new client connected to member `index` only.
@@ -1133,7 +1214,7 @@ impl EtcdCluster {
         if self.temp_dir.is_none() {
             return Err(EtcdServerError::Stopped);
         }
-        connect(&[endpoint]).await
+        connect(&[endpoint], self.options.tls.as_ref()).await
     }
 
     /// Index of the current leader, as reported by the first running member that knows one.
@@ -1153,9 +1234,10 @@ impl EtcdCluster {
             }
             let endpoint = member.spec.endpoint();
             let asked = tokio::time::timeout(PROBE_TIMEOUT, async {
-                let mut client = connect(std::slice::from_ref(&endpoint))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let mut client =
+                    connect(std::slice::from_ref(&endpoint), self.options.tls.as_ref())
+                        .await
+                        .map_err(|e| e.to_string())?;
                 let status = client.status().await.map_err(|e| e.to_string())?;
                 let leader_id = status.leader();
                 if leader_id == 0 {
@@ -1260,6 +1342,7 @@ impl EtcdCluster {
         let binary = self.binary.clone();
         let extra_args = self.options.extra_args.clone();
         let ready_timeout = self.options.ready_timeout;
+        let tls = self.options.tls.clone();
         let peer_urls: Vec<String> = self.members.iter().map(|m| url(m.spec.peer_port)).collect();
         let member = self.member_mut(index)?;
         member.proc.kill();
@@ -1267,7 +1350,7 @@ impl EtcdCluster {
         let endpoint = member.spec.endpoint();
         let deadline = Instant::now() + ready_timeout;
         let waited = wait_ready(&mut [&mut member.proc], deadline, || {
-            probe_member(&endpoint, &peer_urls)
+            probe_member(&endpoint, &peer_urls, tls.as_ref())
         })
         .await;
         match waited {
@@ -1312,11 +1395,15 @@ impl Drop for EtcdCluster {
 
 /// One readiness probe of the whole cluster: every member answers through its own endpoint,
 /// and a client of all endpoints can put and read back a key.
-async fn probe_cluster(endpoints: &[String], peer_urls: &[String]) -> Result<(), String> {
+async fn probe_cluster(
+    endpoints: &[String],
+    peer_urls: &[String],
+    tls: Option<&EtcdTls>,
+) -> Result<(), String> {
     for endpoint in endpoints {
-        probe_member(endpoint, peer_urls).await?;
+        probe_member(endpoint, peer_urls, tls).await?;
     }
-    let mut client = connect(endpoints).await.map_err(|e| e.to_string())?;
+    let mut client = connect(endpoints, tls).await.map_err(|e| e.to_string())?;
     client
         .put("__rdzv_ready__", "1", None)
         .await
