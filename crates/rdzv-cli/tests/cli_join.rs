@@ -178,7 +178,8 @@ fn join_child(args: Vec<String>) -> tokio::process::Child {
     cmd.spawn().expect("cannot start rdzv join")
 }
 
-/// Waits at most `limit` for a `PeerLost` event; returns it, or the other events seen.
+/// Waits at most `limit` for a `PeerLost` or `PeerLeft` event; returns it, or the other events
+/// seen.
 async fn peer_lost_within(
     events: &mut broadcast::Receiver<MembershipEvent>,
     limit: Duration,
@@ -188,7 +189,9 @@ async fn peer_lost_within(
     loop {
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Err(_) => return Err(seen),
-            Ok(Ok(ev @ MembershipEvent::PeerLost { .. })) => return Ok(ev),
+            Ok(Ok(ev @ (MembershipEvent::PeerLost { .. } | MembershipEvent::PeerLeft { .. }))) => {
+                return Ok(ev)
+            }
             Ok(Ok(ev)) => seen.push(ev),
             Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
             Ok(Err(broadcast::error::RecvError::Closed)) => return Err(seen),
@@ -334,11 +337,11 @@ async fn a_terminated_hold_member_leaves_at_once() {
 
     let limit = Duration::from_secs(3);
     match peer_lost_within(&mut events, limit).await {
-        Ok(MembershipEvent::PeerLost { node_id, .. }) => {
+        Ok(MembershipEvent::PeerLeft { node_id, .. }) => {
             assert_eq!(Some(node_id.as_str()), out["node_id"].as_str());
         }
-        Ok(other) => unreachable!("{other:?}"),
-        Err(seen) => panic!("no PeerLost within {limit:?} of SIGTERM; other events: {seen:?}"),
+        Ok(other) => panic!("a graceful leave must be reported as PeerLeft, got {other:?}"),
+        Err(seen) => panic!("no PeerLeft within {limit:?} of SIGTERM; other events: {seen:?}"),
     }
     handler.shutdown().await.expect("shutdown");
 }

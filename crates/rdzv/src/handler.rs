@@ -24,7 +24,15 @@ pub struct RendezvousInfo {
 /// Something that happened to the membership of this node's last completed round.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MembershipEvent {
-    /// A member of the round is gone (its lease expired, or it left).
+    /// A member of the round left gracefully (`shutdown()`).
+    PeerLeft {
+        /// The round.
+        round: u64,
+        /// The member's node id.
+        node_id: String,
+    },
+    /// A member of the round is gone without saying so (its lease expired: it died, hung or
+    /// lost etcd).
     PeerLost {
         /// The round.
         round: u64,

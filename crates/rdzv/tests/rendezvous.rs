@@ -229,8 +229,8 @@ async fn graceful_shutdown_notifies_peers_at_once_and_keeps_the_run_open() {
     wait_event(
         &mut ev,
         Duration::from_secs(3),
-        "PeerLost after graceful leave",
-        |e| matches!(e, MembershipEvent::PeerLost { node_id, .. } if node_id == b.node_id()),
+        "PeerLeft after graceful leave",
+        |e| matches!(e, MembershipEvent::PeerLeft { node_id, .. } if node_id == b.node_id()),
     )
     .await;
     assert!(

@@ -388,7 +388,10 @@ async fn monitor(
             ev = events.recv() => match ev {
                 Ok(MembershipEvent::Closed) => return Outcome::Closed,
                 Ok(MembershipEvent::PeerLost { round, node_id }) if round == info.round => {
-                    return Outcome::MembershipChanged(format!("node {node_id} left or died"));
+                    return Outcome::MembershipChanged(format!("node {node_id} was lost (lease expired)"));
+                }
+                Ok(MembershipEvent::PeerLeft { round, node_id }) if round == info.round => {
+                    return Outcome::MembershipChanged(format!("node {node_id} left"));
                 }
                 Ok(MembershipEvent::NodesWaiting { round, waiting }) if round == info.round && waiting > 0 => {
                     return Outcome::MembershipChanged(format!("{waiting} node(s) waiting to join"));

@@ -91,6 +91,9 @@ pub fn map_err(what: &str, err: etcd_client::Error) -> RendezvousError {
                 UNAUTHENTICATED | PERMISSION_DENIED => RendezvousError::Connection(format!(
                     "{what}: etcd refused the request (not authorised): {msg}"
                 )),
+                _ if is_transport_message(msg) => {
+                    RendezvousError::Connection(format!("{what}: {UNAVAILABLE_MARK}: {msg}"))
+                }
                 UNAVAILABLE | DEADLINE_EXCEEDED | CANCELLED | ABORTED => {
                     RendezvousError::Connection(format!("{what}: {UNAVAILABLE_MARK}: {msg}"))
                 }
@@ -119,11 +122,17 @@ fn not_reached(err: &etcd_client::Error) -> bool {
     match err {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         etcd_client::Error::GRpcStatus(status) => {
-            status.code() as i32 == tonic_code::UNAVAILABLE
-                && !status.message().starts_with("etcdserver:")
+            (status.code() as i32 == tonic_code::UNAVAILABLE
+                && !status.message().starts_with("etcdserver:"))
+                || is_transport_message(status.message())
         }
         _ => false,
     }
+}
+
+/// tonic reports a connection that failed under a request as `Unknown: transport error`.
+fn is_transport_message(message: &str) -> bool {
+    message.starts_with("transport error")
 }
 
 /// True if the server answered that it cannot serve now (no leader, request timed out).
@@ -446,5 +455,52 @@ impl EtcdClient {
             })
             .await?;
         Ok((resp.ttl() > 0).then_some(resp.ttl()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code, msg: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg))
+    }
+
+    /// Regression: a request on a connection to a killed cluster member failed with
+    /// `Unknown: transport error`, which was neither retried on the next endpoint nor treated
+    /// as transient, so `next_rendezvous` failed instead of failing over.
+    #[test]
+    fn transport_error_on_a_dead_member_is_retried_elsewhere_and_transient() {
+        let e = status(tonic::Code::Unknown, "transport error");
+        assert!(not_reached(&e));
+        assert!(is_transient(&map_err("watch", e)));
+    }
+
+    #[test]
+    fn connection_refused_is_not_reached_and_transient() {
+        let e = status(tonic::Code::Unavailable, "tcp connect error");
+        assert!(not_reached(&e));
+        assert!(is_transient(&map_err("get", e)));
+    }
+
+    #[test]
+    fn server_timeout_may_have_applied_so_it_is_not_resent_but_is_transient() {
+        let e = status(tonic::Code::Unavailable, "etcdserver: request timed out");
+        assert!(!not_reached(&e));
+        assert!(server_unavailable(&e));
+        assert!(is_transient(&map_err("txn", e)));
+    }
+
+    #[test]
+    fn permission_denied_is_not_transient_and_says_not_authorised() {
+        let e = map_err(
+            "get",
+            status(
+                tonic::Code::PermissionDenied,
+                "etcdserver: permission denied",
+            ),
+        );
+        assert!(!is_transient(&e));
+        assert!(e.to_string().contains("not authorised"), "{e}");
     }
 }

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::client::EtcdClient;
 use super::keys::RunKeys;
-use super::records::{decode, Assignment};
+use super::records::{decode, Assignment, NodeRecord};
 use super::watch::{RangeWatch, WatchItem};
 use crate::{MembershipEvent, RendezvousError};
 
@@ -57,6 +57,8 @@ pub(crate) fn spawn_monitor(args: MonitorArgs) -> JoinHandle<()> {
 #[derive(Debug, Default)]
 struct MonitorState {
     lost: BTreeSet<String>,
+    /// Members whose record was marked `left` before its deletion.
+    leaving: BTreeSet<String>,
     waiting_seen: bool,
     next_revision: i64,
 }
@@ -110,9 +112,11 @@ impl MonitorArgs {
             && self.is_member(node_id).await?
         {
             state.lost.insert(node_id.to_string());
-            self.emit(MembershipEvent::PeerLost {
-                round: self.round,
-                node_id: node_id.to_string(),
+            let (round, node_id) = (self.round, node_id.to_string());
+            self.emit(if state.leaving.contains(&node_id) {
+                MembershipEvent::PeerLeft { round, node_id }
+            } else {
+                MembershipEvent::PeerLost { round, node_id }
             });
         }
         Ok(())
@@ -123,6 +127,7 @@ impl MonitorArgs {
         &self,
         state: &mut MonitorState,
         key: &str,
+        value: &[u8],
         deleted: bool,
     ) -> Result<(), RendezvousError> {
         let Some((r, section, name)) = self.keys.parse_round_key(key) else {
@@ -131,6 +136,11 @@ impl MonitorArgs {
         let round = self.round;
         match (r == round, section, name, deleted) {
             (true, "member", node, true) => self.peer_gone(state, node).await?,
+            (true, "member", node, false)
+                if decode::<NodeRecord>(key.as_bytes(), value).is_ok_and(|r| r.left) =>
+            {
+                state.leaving.insert(node.to_string());
+            }
             (false, "ctl", "waiting", false) => self.nodes_waiting(state).await?,
             (false, "ctl", "closed", false) => self.emit(MembershipEvent::Closed),
             (false, "ctl", "final", false) => self.emit(MembershipEvent::RoundSuperseded { round }),
@@ -158,7 +168,7 @@ async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<(), Ren
                         let Some(kv) = ev.kv() else { continue };
                         state.next_revision = kv.mod_revision() + 1;
                         let key = String::from_utf8_lossy(kv.key()).into_owned();
-                        args.on_key(state, &key, ev.event_type() == EventType::Delete).await?;
+                        args.on_key(state, &key, kv.value(), ev.event_type() == EventType::Delete).await?;
                     }
                 }
                 WatchItem::Resync { kvs, revision } => {
@@ -195,7 +205,7 @@ async fn resync(
             Some((r, "member", node)) if r == round => {
                 present.insert(node.to_string());
             }
-            _ => args.on_key(state, &key, false).await?,
+            _ => args.on_key(state, &key, kv.value(), false).await?,
         }
     }
     let assigns = args

@@ -31,6 +31,9 @@ pub struct NodeRecord {
     /// Set when the node left after the round without failing (a one-shot member).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub detached: bool,
+    /// Set just before the node leaves gracefully (its record is then deleted).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub left: bool,
 }
 
 /// The summary of a completed round.

@@ -1050,6 +1050,7 @@ fn local_node_record(local_addr: Option<&str>, node_rank: Option<u64>) -> NodeRe
         prev_rank: None,
         pid: std::process::id(),
         detached: false,
+        left: false,
     }
 }
 
@@ -1256,8 +1257,25 @@ impl RendezvousHandler for EtcdRendezvousHandler {
         if let Some(monitor) = st.monitor.take() {
             monitor.abort();
         }
-        st.joined.clear();
         let lease = self.node_lease.lock().await;
+        if let Some(last) = st.last {
+            // Mark our record of the last round as left, so that its deletion reads as a
+            // leave, not a failure, to the members watching it.
+            let key = self.keys.member(last.round, &self.node.node_id);
+            let record = NodeRecord {
+                left: true,
+                ..self.node.clone()
+            };
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
+                .and_then([TxnOp::put(
+                    key,
+                    encode(&record),
+                    Some(PutOptions::new().with_lease(lease.id())),
+                )]);
+            self.client.txn(txn).await?;
+        }
+        st.joined.clear();
         lease.stop();
         // Revoking deletes our join records at once: peers are told we left.
         self.client.lease_revoke(lease.id()).await?;

@@ -122,6 +122,7 @@ pub async fn read_status(
                     prev_rank: None,
                     pid: 0,
                     detached: false,
+                    left: false,
                 }),
             });
         }

@@ -575,6 +575,7 @@ pub(super) async fn departure_rounds(
             matches!(
                 ev,
                 MembershipEvent::PeerLost { .. }
+                    | MembershipEvent::PeerLeft { .. }
                     | MembershipEvent::NodesWaiting { waiting: 1.., .. }
             )
         });
