@@ -760,11 +760,22 @@ impl EtcdRendezvousHandler {
                             tracing::info!(round, "the previous round dissolved; starting a new one");
                         }
                     }
+                    // Progress for whoever watches the logs, and a safety net: a node that
+                    // should have armed the last call may have died first.
+                    count = self.count_members(round).await?;
+                    let waited = deadline.saturating_duration_since(Instant::now());
+                    tracing::info!(
+                        round,
+                        joined = count,
+                        min_nodes = min,
+                        max_nodes = max,
+                        timeout_in_s = waited.as_secs(),
+                        "waiting for the round: {count} node(s) joined (min {min}, max {max}){}",
+                        if gate_open { "" } else { "; the previous round's members have not re-joined yet" }
+                    );
                     if !gate_open {
                         continue;
                     }
-                    // Also a safety net: a node that should have armed the last call died first.
-                    count = self.count_members(round).await?;
                     if count >= min && view.lastcall.is_none() {
                         let wait = if count >= max { 0 } else { self.settings.last_call_timeout.as_millis() as u64 };
                         let (lc, rev, mine) = self.ensure_lastcall(round, now_ms() + wait).await?;
