@@ -817,6 +817,10 @@ fn bad_flags_exit_2() {
             "--standalone with --rdzv-endpoint",
             vec!["--standalone", "--rdzv-endpoint", endpoint, "--", &worker],
         ),
+        (
+            "no --rdzv-id (there is no default id shared by every job)",
+            vec!["--rdzv-endpoint", endpoint, "--", &worker],
+        ),
         ("no command", vec!["--standalone"]),
         ("no command after --", vec!["--standalone", "--"]),
         (

@@ -60,14 +60,10 @@ pub struct RendezvousTarget {
     )]
     pub endpoint: String,
 
-    /// The job's id; every node of one job uses the same one.
-    #[arg(
-        long = "rdzv-id",
-        alias = "rdzv_id",
-        env = "PET_RDZV_ID",
-        default_value = "none"
-    )]
-    pub run_id: String,
+    /// The job's id; every node of one job uses the same one. Required: unlike torchrun,
+    /// there is no default shared by every job.
+    #[arg(long = "rdzv-id", alias = "rdzv_id", env = "PET_RDZV_ID")]
+    pub run_id: Option<String>,
 
     /// Backend configuration `key=value,...` (e.g. `timeout=60,last_call_timeout=5`).
     #[arg(
@@ -93,15 +89,13 @@ impl RendezvousTarget {
         if self.endpoint.trim().is_empty() {
             bail!("--rdzv-endpoint (or PET_RDZV_ENDPOINT) is required");
         }
-        let mut params = RendezvousParameters::new(
-            &self.backend,
-            &self.endpoint,
-            &self.run_id,
-            nodes.min,
-            nodes.max,
-        )?
-        .with_config_str(&self.conf)
-        .context("invalid --rdzv-conf")?;
+        let Some(run_id) = self.run_id.as_deref() else {
+            bail!("--rdzv-id (or PET_RDZV_ID) is required: every job needs its own id");
+        };
+        let mut params =
+            RendezvousParameters::new(&self.backend, &self.endpoint, run_id, nodes.min, nodes.max)?
+                .with_config_str(&self.conf)
+                .context("invalid --rdzv-conf")?;
         if let Some(addr) = local_addr {
             params = params.with_local_addr(addr);
         }

@@ -172,11 +172,11 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
             .await
             .context("cannot start the local etcd for --standalone")?;
         args.target.endpoint = etcd.endpoint();
-        args.target.run_id = uuid::Uuid::new_v4().to_string();
+        args.target.run_id = Some(uuid::Uuid::new_v4().to_string());
         if args.local_addr.is_none() {
             args.local_addr = Some("127.0.0.1".into());
         }
-        tracing::info!(endpoint = %args.target.endpoint, run_id = %args.target.run_id, "standalone: started a local etcd");
+        tracing::info!(endpoint = %args.target.endpoint, run_id = args.target.run_id.as_deref().unwrap_or_default(), "standalone: started a local etcd");
         Some(etcd)
     } else {
         None
