@@ -215,6 +215,25 @@ impl EtcdRendezvousHandler {
         members_of(&self.client, &self.keys, round).await
     }
 
+    /// Rewrites this node's join record of `round`, bound to `lease`, if it still exists.
+    async fn rewrite_own_record(
+        &self,
+        round: u64,
+        record: &NodeRecord,
+        lease: i64,
+    ) -> Result<(), RendezvousError> {
+        let key = self.keys.member(round, &self.node.node_id);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
+            .and_then([TxnOp::put(
+                key,
+                encode(record),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        self.client.txn(txn).await?;
+        Ok(())
+    }
+
     /// Grants a new node lease after the old one expired (its join records are gone with it).
     async fn replace_node_lease(&self, st: &mut RoundState) -> Result<i64, RendezvousError> {
         let mut lease = self.node_lease.lock().await;
@@ -247,20 +266,13 @@ impl EtcdRendezvousHandler {
         }
         if let Some(last) = st.last {
             let run_lease = self.run_lease_id().await?;
-            let key = self.keys.member(last.round, &self.node.node_id);
             let record = NodeRecord {
                 prev_rank: None,
                 detached: true,
                 ..self.node.clone()
             };
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
-                .and_then([TxnOp::put(
-                    key,
-                    encode(&record),
-                    Some(PutOptions::new().with_lease(run_lease)),
-                )]);
-            self.client.txn(txn).await?;
+            self.rewrite_own_record(last.round, &record, run_lease)
+                .await?;
             st.joined.remove(&last.round);
         }
         st.joined.clear();
@@ -1272,19 +1284,12 @@ impl RendezvousHandler for EtcdRendezvousHandler {
         if let Some(last) = st.last {
             // Mark our record of the last round as left, so that its deletion reads as a
             // leave, not a failure, to the members watching it.
-            let key = self.keys.member(last.round, &self.node.node_id);
             let record = NodeRecord {
                 left: true,
                 ..self.node.clone()
             };
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
-                .and_then([TxnOp::put(
-                    key,
-                    encode(&record),
-                    Some(PutOptions::new().with_lease(lease.id())),
-                )]);
-            self.client.txn(txn).await?;
+            self.rewrite_own_record(last.round, &record, lease.id())
+                .await?;
         }
         st.joined.clear();
         lease.stop();
