@@ -317,6 +317,35 @@ async fn a_killed_hold_member_is_noticed_as_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_hold_member_is_noticed_as_lost_and_exits_cleanly_when_resumed() {
+    let etcd = start_etcd().await;
+    let id = run_id("join-stop");
+    let handler = member(&etcd.endpoint(), &id, "2").await;
+    let (mut child, out, mut events) = hold_pair(&etcd, &id, "2", &handler).await;
+
+    // SIGSTOP: the process hangs (as in a stuck collective); its lease is not renewed.
+    let pid = child.id().expect("running child has a pid");
+    assert!(common::kill(pid, libc::SIGSTOP), "SIGSTOP rdzv join --hold");
+    let limit = Duration::from_secs(2 + 3);
+    match peer_lost_within(&mut events, limit).await {
+        Ok(MembershipEvent::PeerLost { node_id, .. }) => {
+            assert_eq!(Some(node_id.as_str()), out["node_id"].as_str());
+        }
+        Ok(other) => panic!("a hung member must be reported as PeerLost, got {other:?}"),
+        Err(seen) => panic!("no PeerLost within {limit:?} of SIGSTOP; other events: {seen:?}"),
+    }
+    // Resumed, the process still answers signals and exits cleanly.
+    assert!(common::kill(pid, libc::SIGCONT), "SIGCONT");
+    assert!(common::kill(pid, libc::SIGTERM), "SIGTERM");
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("the resumed child did not exit in time")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+    handler.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_hold_member_leaves_at_once() {
     let etcd = start_etcd().await;
     let id = run_id("join-term");
