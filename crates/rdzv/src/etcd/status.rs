@@ -6,7 +6,6 @@ use serde::Serialize;
 use super::client::EtcdClient;
 use super::keys::RunKeys;
 use super::records::{decode, ClosedRecord, FinalRecord, LastCall, NodeRecord};
-use super::rendezvous::members_of;
 use crate::RendezvousError;
 
 /// A member of a completed round.
@@ -98,7 +97,18 @@ pub async fn read_status(
         if let Some(kv) = fin.kvs().first() {
             last_round = Some(decode::<FinalRecord>(kv.key(), kv.value())?);
         }
-        let alive = members_of(client, keys, prev).await?;
+        // One read of the join records and one of the ranks.
+        let records = client
+            .get(
+                keys.member_prefix(prev),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        let mut alive = std::collections::HashMap::new();
+        for kv in records.kvs() {
+            let rec: NodeRecord = decode(kv.key(), kv.value())?;
+            alive.insert(rec.node_id.clone(), rec);
+        }
         let assigns = client
             .get(
                 keys.assign_prefix(prev),
@@ -109,7 +119,7 @@ pub async fn read_status(
             let a: super::records::Assignment = decode(kv.key(), kv.value())?;
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let node_id = key.rsplit('/').next().unwrap_or_default().to_string();
-            let node = alive.iter().find(|n| n.node_id == node_id).cloned();
+            let node = alive.remove(&node_id);
             members.push(MemberStatus {
                 rank: a.rank,
                 alive: node.is_some(),
