@@ -8,7 +8,7 @@
 //! Test hooks (all optional environment variables):
 //!
 //! - `WORKER_RECORD=<path>`: append `rank=R world=W local_rank=L group_rank=G restart=C pid=P
-//!   run_id=X master=ADDR:PORT` after the environment checks (before the all-reduce), and
+//!   run_id=X master=ADDR:PORT round=N` after the environment checks (before the all-reduce), and
 //!   `done rank=R world=W restart=C` after success; each line is one `write_all` on a file
 //!   opened for appending, so concurrent workers do not interleave.
 //! - `WORKER_FAIL_RANK=r` (+ `WORKER_FAIL_UNTIL_RESTART=n`): the worker with `RANK == r` writes
@@ -139,6 +139,7 @@ struct Env {
     run_id: String,
     master_addr: String,
     master_port: u16,
+    round: String,
 }
 
 fn read_env() -> Env {
@@ -205,6 +206,7 @@ fn read_env() -> Env {
         run_id,
         master_addr,
         master_port,
+        round: var("RDZV_ROUND").unwrap_or_default(),
     }
 }
 
@@ -373,7 +375,7 @@ fn main() {
     let env = read_env();
     let pid = std::process::id();
     record(&format!(
-        "rank={} world={} local_rank={} group_rank={} restart={} pid={pid} run_id={} master={}:{}",
+        "rank={} world={} local_rank={} group_rank={} restart={} pid={pid} run_id={} master={}:{} round={}",
         env.rank,
         env.world_size,
         env.local_rank,
@@ -381,7 +383,8 @@ fn main() {
         env.restart_count,
         env.run_id,
         env.master_addr,
-        env.master_port
+        env.master_port,
+        env.round
     ));
 
     if optional_number::<u64>("WORKER_FAIL_RANK") == Some(env.rank) {

@@ -242,7 +242,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("cannot agree on MASTER_ADDR/MASTER_PORT")?;
         let spec = GroupSpec {
             command: args.command.clone(),
-            env: worker_env(&args, &run_id, restart_count, &master),
+            env: worker_env(&args, &run_id, restart_count, info.round, &master),
             nproc,
             group_rank: info.rank,
             group_world_size: info.world_size,
@@ -345,6 +345,7 @@ fn worker_env(
     args: &RunArgs,
     run_id: &str,
     restart_count: u32,
+    round: u64,
     master: &rdzv::bootstrap::MasterInfo,
 ) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
@@ -358,6 +359,8 @@ fn worker_env(
     set("TORCHELASTIC_MAX_RESTARTS", args.max_restarts.to_string());
     set("TORCHELASTIC_RUN_ID", run_id.to_string());
     set("TORCHELASTIC_USE_AGENT_STORE", "False".into());
+    // Not torchrun's: the rendezvous round the workers were started for (for logs and checks).
+    set("RDZV_ROUND", round.to_string());
     set(
         "TORCH_NCCL_ASYNC_ERROR_HANDLING",
         std::env::var("TORCH_NCCL_ASYNC_ERROR_HANDLING").unwrap_or_else(|_| "1".into()),
