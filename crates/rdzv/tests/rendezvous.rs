@@ -295,7 +295,7 @@ async fn a_lone_node_times_out_and_leaves_the_round() {
         .get(
             a.keys().member_prefix(1),
             Some(
-                etcd_client::GetOptions::new()
+                rdzv::etcd::api::GetOptions::new()
                     .with_prefix()
                     .with_count_only(),
             ),
@@ -514,7 +514,7 @@ async fn keys_of_old_rounds_are_removed() {
                 .get(
                     prefix,
                     Some(
-                        etcd_client::GetOptions::new()
+                        rdzv::etcd::api::GetOptions::new()
                             .with_prefix()
                             .with_count_only(),
                     ),

@@ -13,23 +13,10 @@ use rdzv::etcd::EtcdClient;
 async fn watch_from_a_compacted_revision_resyncs_from_a_snapshot() {
     let etcd = etcd().await;
     let client = EtcdClient::new(etcd.client().await.unwrap());
-    let first = client
-        .put("/w/a", "1", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let first = client.put("/w/a", "1", None).await.unwrap().revision;
     client.put("/w/a", "2", None).await.unwrap();
-    let last = client
-        .put("/w/b", "3", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    let mut raw = client.raw().clone();
-    raw.compact(last, None).await.unwrap();
+    let last = client.put("/w/b", "3", None).await.unwrap().revision;
+    client.compact(last).await.unwrap();
     let mut watch = RangeWatch::open(&client, "/w/", "/w0", first)
         .await
         .unwrap();
@@ -44,7 +31,7 @@ async fn watch_from_a_compacted_revision_resyncs_from_a_snapshot() {
                 .map(|kv| {
                     (
                         kv.key_str().unwrap().to_string(),
-                        kv.value_str().unwrap().to_string(),
+                        String::from_utf8(kv.value().to_vec()).unwrap(),
                     )
                 })
                 .collect();
@@ -73,13 +60,7 @@ async fn watch_from_a_compacted_revision_resyncs_from_a_snapshot() {
 async fn watch_delivers_events_from_its_start_revision() {
     let etcd = etcd().await;
     let client = EtcdClient::new(etcd.client().await.unwrap());
-    let rev = client
-        .put("/x/a", "1", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let rev = client.put("/x/a", "1", None).await.unwrap().revision;
     client.put("/x/b", "2", None).await.unwrap();
     let mut watch = RangeWatch::open(&client, "/x/", "/x0", rev).await.unwrap();
     let mut keys = Vec::new();

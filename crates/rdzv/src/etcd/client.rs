@@ -1,25 +1,17 @@
-//! [`EtcdClient`]: the etcd v3 client used by the backend, wrapped so that every request it
-//! really sends is counted ([`RequestStats`]), every error is mapped to a
-//! [`RendezvousError`], and a dead cluster member is skipped.
-//!
-//! # Failover
-//! The client holds one connection per endpoint and sends each request to the current one. A
-//! request that never reached a server (connection refused or reset) is sent to the next
-//! endpoint at once, and that one becomes current; a server-side "unavailable" (no leader,
-//! timed out) also moves to the next endpoint, but is returned to the caller, who decides
-//! whether the operation is safe to retry. (A single balanced channel over all endpoints keeps
-//! routing some requests to a dead member.)
+//! [`EtcdClient`]: the etcd client the backend uses, over any [`EtcdApi`] (a real cluster or
+//! the simulator's model), counting every request it really sends ([`RequestStats`]) and
+//! mapping every error to a [`RendezvousError`].
 
-use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use etcd_client::{
-    Client, DeleteOptions, DeleteResponse, GetOptions, GetResponse, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, PutResponse, Txn, TxnResponse, WatchOptions, WatchStream,
+use super::api::{
+    ApiError, DeleteOptions, DeleteResponse, EtcdApi, GetOptions, GetResponse, GrpcEtcd,
+    PutOptions, PutResponse, Txn, TxnOp, TxnResponse, WatchOptions, WatchStream,
 };
-
 use crate::RendezvousError;
+
+pub use super::api::DEFAULT_REQUEST_TIMEOUT;
 
 /// Counters of what a client really sent and received.
 #[derive(Debug, Default)]
@@ -79,225 +71,83 @@ impl RequestStats {
     }
 }
 
-/// Maps an etcd client error to a rendezvous error; `what` says what we were doing.
-pub fn map_err(what: &str, err: etcd_client::Error) -> RendezvousError {
-    use etcd_client::Error as E;
-    match &err {
-        E::GRpcStatus(status) => {
-            use tonic_code::*;
-            let code = status.code() as i32;
-            let msg = status.message();
-            match code {
-                UNAUTHENTICATED | PERMISSION_DENIED => RendezvousError::Connection(format!(
-                    "{what}: etcd refused the request (not authorised): {msg}"
-                )),
-                _ if is_transport_message(msg) => {
-                    RendezvousError::Connection(format!("{what}: {UNAVAILABLE_MARK}: {msg}"))
-                }
-                UNAVAILABLE | DEADLINE_EXCEEDED | CANCELLED | ABORTED => {
-                    RendezvousError::Connection(format!("{what}: {UNAVAILABLE_MARK}: {msg}"))
-                }
-                _ => RendezvousError::Connection(format!("{what}: etcd error: {msg}")),
-            }
+/// Marks the connection errors worth retrying (etcd unavailable for a moment: no leader,
+/// a member down, a request timed out, overloaded).
+const UNAVAILABLE_MARK: &str = "etcd unavailable";
+
+/// What etcd says of a lease that expired; we say it too.
+pub(crate) const LEASE_GONE: &str = "requested lease not found";
+
+/// Maps an API error to a rendezvous error; `what` says what we were doing.
+pub fn map_api_err(what: &str, err: ApiError) -> RendezvousError {
+    match err {
+        ApiError::NotReached(m) | ApiError::Unavailable(m) => {
+            RendezvousError::Connection(format!("{what}: {UNAVAILABLE_MARK}: {m}"))
         }
-        E::TransportError(_) | E::IoError(_) => {
-            RendezvousError::Connection(format!("{what}: {UNAVAILABLE_MARK}: {err}"))
+        ApiError::Overloaded(m) => {
+            RendezvousError::Connection(format!("{what}: {UNAVAILABLE_MARK}: overloaded: {m}"))
         }
-        _ => RendezvousError::Connection(format!("{what}: {err}")),
+        ApiError::LeaseNotFound => RendezvousError::Connection(format!("{what}: {LEASE_GONE}")),
+        e => RendezvousError::Connection(format!("{what}: {e}")),
     }
 }
 
-/// Marks the connection errors worth retrying (etcd unavailable for a moment: no leader,
-/// a member down, a request timed out).
-const UNAVAILABLE_MARK: &str = "etcd unavailable";
+/// Maps an `etcd-client` error to a rendezvous error; `what` says what we were doing.
+pub fn map_grpc_err(what: &str, err: etcd_client::Error) -> RendezvousError {
+    map_api_err(what, super::api::grpc::map_error(err))
+}
 
-/// True for errors that a retry may cure (see [`map_err`]).
+/// True for errors that a retry may cure (see [`map_api_err`]).
 pub fn is_transient(err: &RendezvousError) -> bool {
     matches!(err, RendezvousError::Connection(m) if m.contains(UNAVAILABLE_MARK))
 }
 
-/// True if the request certainly did not reach an etcd server (refused, reset, no connection):
-/// sending it elsewhere cannot apply it twice.
-fn not_reached(err: &etcd_client::Error) -> bool {
-    match err {
-        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        etcd_client::Error::GRpcStatus(status) => {
-            (status.code() as i32 == tonic_code::UNAVAILABLE
-                && !status.message().starts_with("etcdserver:"))
-                || is_transport_message(status.message())
-        }
-        _ => false,
-    }
+/// True if the error means that a lease (and so the keys bound to it) is gone.
+pub fn is_lease_gone(err: &RendezvousError) -> bool {
+    matches!(err, RendezvousError::Connection(m) if m.contains(LEASE_GONE))
 }
 
-/// tonic reports a connection that failed under a request as `Unknown: transport error`.
-fn is_transport_message(message: &str) -> bool {
-    message.starts_with("transport error")
-}
-
-/// True if the server answered that it cannot serve now (no leader, request timed out).
-fn server_unavailable(err: &etcd_client::Error) -> bool {
-    matches!(err, etcd_client::Error::GRpcStatus(status)
-        if status.message().starts_with("etcdserver:")
-            && (status.code() as i32 == tonic_code::UNAVAILABLE
-                || status.message().contains("leader")
-                || status.message().contains("timed out")))
-}
-
-/// gRPC status codes (stable numbers of the gRPC spec).
-mod tonic_code {
-    pub const CANCELLED: i32 = 1;
-    pub const DEADLINE_EXCEEDED: i32 = 4;
-    pub const PERMISSION_DENIED: i32 = 7;
-    pub const ABORTED: i32 = 10;
-    pub const UNAVAILABLE: i32 = 14;
-    pub const UNAUTHENTICATED: i32 = 16;
-}
-
-/// An etcd client that counts what it sends and fails over between endpoints. Cheap to
-/// clone; clones share the connections, the current endpoint and the counters.
+/// An etcd client that counts what it sends. Cheap to clone; clones share the connection(s)
+/// and the counters.
 #[derive(Clone)]
 pub struct EtcdClient {
-    clients: Arc<Vec<Client>>,
-    current: Arc<AtomicUsize>,
+    api: Arc<dyn EtcdApi>,
     stats: Arc<RequestStats>,
-    request_timeout: std::time::Duration,
 }
-
-/// The default bound on one request (a member cut off from its leader otherwise holds a
-/// request for etcd's own timeout, 5 s plus two election timeouts).
-pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl std::fmt::Debug for EtcdClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdClient")
-            .field("endpoints", &self.clients.len())
-            .field("current", &self.current.load(Ordering::Relaxed))
+            .field("api", &self.api)
             .field("stats", &self.stats.snapshot())
             .finish()
     }
 }
 
 impl EtcdClient {
-    /// Wraps a connected client (a single connection, no failover of our own).
-    pub fn new(inner: Client) -> Self {
-        Self::with_stats(inner, Arc::default())
+    /// Wraps a connected `etcd-client` client (a single connection, no failover of our own).
+    pub fn new(inner: etcd_client::Client) -> Self {
+        Self::from_api(Arc::new(GrpcEtcd::new(vec![inner])), Arc::default())
     }
 
     /// Wraps a connected client, counting into `stats` (which may be shared).
-    pub fn with_stats(inner: Client, stats: Arc<RequestStats>) -> Self {
-        Self::from_clients(vec![inner], stats)
+    pub fn with_stats(inner: etcd_client::Client, stats: Arc<RequestStats>) -> Self {
+        Self::from_api(Arc::new(GrpcEtcd::new(vec![inner])), stats)
     }
 
-    /// One client per endpoint, with failover between them (see the module docs).
-    ///
-    /// # Panics
-    /// Never; an empty list is replaced by nothing to fail over to, and every call errors.
-    pub fn from_clients(clients: Vec<Client>, stats: Arc<RequestStats>) -> Self {
-        Self {
-            clients: Arc::new(clients),
-            current: Arc::new(AtomicUsize::new(0)),
-            stats,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
-        }
+    /// A client over any implementation of the API, counting into `stats`.
+    pub fn from_api(api: Arc<dyn EtcdApi>, stats: Arc<RequestStats>) -> Self {
+        Self { api, stats }
     }
 
-    /// Bounds every request (not the life of a watch or keep-alive stream) by `timeout`; a
-    /// request that takes longer fails as "etcd unavailable" and the next endpoint becomes
-    /// current.
-    pub fn with_request_timeout(mut self, timeout: std::time::Duration) -> Self {
-        self.request_timeout = timeout;
-        self
+    /// The API this client sends to.
+    pub fn api(&self) -> &Arc<dyn EtcdApi> {
+        &self.api
     }
 
     /// The counters.
     pub fn stats(&self) -> &Arc<RequestStats> {
         &self.stats
-    }
-
-    /// The client of the current endpoint (requests sent through it are not counted).
-    pub fn raw(&self) -> &Client {
-        &self.clients[self.current.load(Ordering::Relaxed) % self.clients.len()]
-    }
-
-    /// Number of endpoints.
-    pub fn endpoint_count(&self) -> usize {
-        self.clients.len()
-    }
-
-    /// Sends one request, failing over to the next endpoint as the module docs say.
-    async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T, RendezvousError>
-    where
-        F: Fn(Client) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
-    {
-        let n = self.clients.len();
-        if n == 0 {
-            return Err(RendezvousError::Connection(format!(
-                "{what}: no etcd endpoint"
-            )));
-        }
-        let start = self.current.load(Ordering::Relaxed);
-        let mut last = None;
-        for i in 0..n {
-            let idx = (start + i) % n;
-            let answer =
-                match tokio::time::timeout(self.request_timeout, op(self.clients[idx].clone()))
-                    .await
-                {
-                    Ok(answer) => answer,
-                    Err(_) => {
-                        if n > 1 {
-                            self.current.store((idx + 1) % n, Ordering::Relaxed);
-                        }
-                        return Err(RendezvousError::Connection(format!(
-                            "{what}: {UNAVAILABLE_MARK}: no answer within {:?}",
-                            self.request_timeout
-                        )));
-                    }
-                };
-            match answer {
-                Ok(v) => {
-                    if i > 0 {
-                        self.current.store(idx, Ordering::Relaxed);
-                    }
-                    return Ok(v);
-                }
-                Err(e) if not_reached(&e) && n > 1 => {
-                    tracing::debug!(endpoint = idx, error = %e, "{what}: endpoint unreachable; trying the next");
-                    last = Some(e);
-                }
-                Err(e) => {
-                    if server_unavailable(&e) && n > 1 {
-                        self.current.store((idx + 1) % n, Ordering::Relaxed);
-                    }
-                    return Err(map_err(what, e));
-                }
-            }
-        }
-        self.current.store((start + 1) % n, Ordering::Relaxed);
-        Err(match last {
-            Some(e) => map_err(what, e),
-            None => RendezvousError::Connection(format!("{what}: no etcd endpoint answered")),
-        })
-    }
-
-    /// Opens a lease keep-alive stream.
-    ///
-    /// # Errors
-    /// [`RendezvousError::Connection`].
-    ///
-    /// # Cancel safety
-    /// Cancel safe.
-    pub async fn lease_keep_alive(
-        &self,
-        id: i64,
-    ) -> Result<(LeaseKeeper, LeaseKeepAliveStream), RendezvousError> {
-        self.stats.count_keep_alive();
-        self.call("lease keep-alive", |c| async move {
-            c.lease_client().keep_alive(id).await
-        })
-        .await
     }
 
     /// Range request.
@@ -313,15 +163,13 @@ impl EtcdClient {
         options: Option<GetOptions>,
     ) -> Result<GetResponse, RendezvousError> {
         self.stats.count_request();
-        let key = key.into();
-        self.call("get", |c| {
-            let (key, options) = (key.clone(), options.clone());
-            async move { c.kv_client().get(key, options).await }
-        })
-        .await
+        self.api
+            .range(key.into(), options.unwrap_or_default())
+            .await
+            .map_err(|e| map_api_err("get", e))
     }
 
-    /// Put request.
+    /// Put request (a transaction without compares).
     ///
     /// # Errors
     /// [`RendezvousError::Connection`].
@@ -334,16 +182,16 @@ impl EtcdClient {
         value: impl Into<Vec<u8>>,
         options: Option<PutOptions>,
     ) -> Result<PutResponse, RendezvousError> {
-        self.stats.count_request();
-        let (key, value) = (key.into(), value.into());
-        self.call("put", |c| {
-            let (key, value, options) = (key.clone(), value.clone(), options.clone());
-            async move { c.kv_client().put(key, value, options).await }
-        })
-        .await
+        let resp = self
+            .txn_as(
+                "put",
+                Txn::new().and_then([TxnOp::put(key, value, options)]),
+            )
+            .await?;
+        Ok(resp.put(0).cloned().unwrap_or_default())
     }
 
-    /// Delete request.
+    /// Delete request (a transaction without compares).
     ///
     /// # Errors
     /// [`RendezvousError::Connection`].
@@ -355,13 +203,13 @@ impl EtcdClient {
         key: impl Into<Vec<u8>>,
         options: Option<DeleteOptions>,
     ) -> Result<DeleteResponse, RendezvousError> {
-        self.stats.count_request();
-        let key = key.into();
-        self.call("delete", |c| {
-            let (key, options) = (key.clone(), options.clone());
-            async move { c.kv_client().delete(key, options).await }
+        let resp = self
+            .txn_as("delete", Txn::new().and_then([TxnOp::delete(key, options)]))
+            .await?;
+        Ok(match resp.op_responses().first() {
+            Some(super::api::TxnOpResponse::Delete(d)) => d.clone(),
+            _ => DeleteResponse::default(),
         })
-        .await
     }
 
     /// Transaction.
@@ -372,15 +220,15 @@ impl EtcdClient {
     /// # Cancel safety
     /// Cancel safe; the transaction may or may not have been applied.
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, RendezvousError> {
-        self.stats.count_request();
-        self.call("transaction", |c| {
-            let txn = txn.clone();
-            async move { c.kv_client().txn(txn).await }
-        })
-        .await
+        self.txn_as("transaction", txn).await
     }
 
-    /// Opens a watch stream.
+    async fn txn_as(&self, what: &str, txn: Txn) -> Result<TxnResponse, RendezvousError> {
+        self.stats.count_request();
+        self.api.txn(txn).await.map_err(|e| map_api_err(what, e))
+    }
+
+    /// Opens a watch; returns it with the revision it was created at.
     ///
     /// # Errors
     /// [`RendezvousError::Connection`].
@@ -391,15 +239,13 @@ impl EtcdClient {
         &self,
         key: impl Into<Vec<u8>>,
         options: Option<WatchOptions>,
-    ) -> Result<WatchStream, RendezvousError> {
+    ) -> Result<(Box<dyn WatchStream>, i64), RendezvousError> {
         self.stats.count_request();
         self.stats.watch_creates.fetch_add(1, Ordering::Relaxed);
-        let key = key.into();
-        self.call("watch", |c| {
-            let (key, options) = (key.clone(), options.clone());
-            async move { c.watch_client().watch(key, options).await }
-        })
-        .await
+        self.api
+            .watch(key.into(), options.unwrap_or_default())
+            .await
+            .map_err(|e| map_api_err("watch", e))
     }
 
     /// Grants a lease of `ttl_secs` seconds; returns its id.
@@ -411,15 +257,15 @@ impl EtcdClient {
     /// Cancel safe; a lease granted by a cancelled call expires by itself.
     pub async fn lease_grant(&self, ttl_secs: i64) -> Result<i64, RendezvousError> {
         self.stats.count_request();
-        let resp = self
-            .call("lease grant", |c| async move {
-                c.lease_client().grant(ttl_secs, None).await
-            })
-            .await?;
-        Ok(resp.id())
+        let grant = self
+            .api
+            .lease_grant(ttl_secs)
+            .await
+            .map_err(|e| map_api_err("lease grant", e))?;
+        Ok(grant.id)
     }
 
-    /// Revokes a lease (deleting every key bound to it).
+    /// Revokes a lease (deleting every key bound to it); a lease already gone is no error.
     ///
     /// # Errors
     /// [`RendezvousError::Connection`].
@@ -428,15 +274,25 @@ impl EtcdClient {
     /// Cancel safe.
     pub async fn lease_revoke(&self, id: i64) -> Result<(), RendezvousError> {
         self.stats.count_request();
-        match self
-            .call("lease revoke", |c| async move {
-                c.lease_client().revoke(id).await
-            })
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(RendezvousError::Connection(m)) if m.contains("not found") => Ok(()),
-            Err(e) => Err(e),
+        match self.api.lease_revoke(id).await {
+            Ok(()) | Err(ApiError::LeaseNotFound) => Ok(()),
+            Err(e) => Err(map_api_err("lease revoke", e)),
+        }
+    }
+
+    /// Renews a lease once; returns false if it no longer exists.
+    ///
+    /// # Errors
+    /// [`RendezvousError::Connection`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn lease_keep_alive(&self, id: i64) -> Result<bool, RendezvousError> {
+        self.stats.count_keep_alive();
+        match self.api.lease_keep_alive(id).await {
+            Ok(ttl) => Ok(ttl > 0),
+            Err(ApiError::LeaseNotFound) => Ok(false),
+            Err(e) => Err(map_api_err("lease keep-alive", e)),
         }
     }
 
@@ -449,12 +305,25 @@ impl EtcdClient {
     /// Cancel safe.
     pub async fn lease_ttl(&self, id: i64) -> Result<Option<i64>, RendezvousError> {
         self.stats.count_request();
-        let resp = self
-            .call("lease time-to-live", |c| async move {
-                c.lease_client().time_to_live(id, None).await
-            })
-            .await?;
-        Ok((resp.ttl() > 0).then_some(resp.ttl()))
+        self.api
+            .lease_time_to_live(id)
+            .await
+            .map_err(|e| map_api_err("lease time-to-live", e))
+    }
+
+    /// Compacts etcd's history up to `revision`.
+    ///
+    /// # Errors
+    /// [`RendezvousError::Connection`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn compact(&self, revision: i64) -> Result<(), RendezvousError> {
+        self.stats.count_request();
+        self.api
+            .compact(revision)
+            .await
+            .map_err(|e| map_api_err("compact", e))
     }
 }
 
@@ -462,45 +331,31 @@ impl EtcdClient {
 mod tests {
     use super::*;
 
-    fn status(code: tonic::Code, msg: &str) -> etcd_client::Error {
-        etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg))
-    }
-
-    /// Regression: a request on a connection to a killed cluster member failed with
-    /// `Unknown: transport error`, which was neither retried on the next endpoint nor treated
-    /// as transient, so `next_rendezvous` failed instead of failing over.
     #[test]
-    fn transport_error_on_a_dead_member_is_retried_elsewhere_and_transient() {
-        let e = status(tonic::Code::Unknown, "transport error");
-        assert!(not_reached(&e));
-        assert!(is_transient(&map_err("watch", e)));
-    }
-
-    #[test]
-    fn connection_refused_is_not_reached_and_transient() {
-        let e = status(tonic::Code::Unavailable, "tcp connect error");
-        assert!(not_reached(&e));
-        assert!(is_transient(&map_err("get", e)));
-    }
-
-    #[test]
-    fn server_timeout_may_have_applied_so_it_is_not_resent_but_is_transient() {
-        let e = status(tonic::Code::Unavailable, "etcdserver: request timed out");
-        assert!(!not_reached(&e));
-        assert!(server_unavailable(&e));
-        assert!(is_transient(&map_err("txn", e)));
-    }
-
-    #[test]
-    fn permission_denied_is_not_transient_and_says_not_authorised() {
-        let e = map_err(
+    fn transient_api_errors_stay_transient() {
+        for e in [
+            ApiError::NotReached("x".into()),
+            ApiError::Unavailable("x".into()),
+            ApiError::Overloaded("x".into()),
+        ] {
+            assert!(is_transient(&map_api_err("get", e)));
+        }
+        assert!(!is_transient(&map_api_err(
             "get",
-            status(
-                tonic::Code::PermissionDenied,
-                "etcdserver: permission denied",
-            ),
-        );
+            ApiError::Unauthorized("x".into())
+        )));
+    }
+
+    #[test]
+    fn lease_not_found_reads_as_lease_gone() {
+        let e = map_api_err("txn", ApiError::LeaseNotFound);
+        assert!(is_lease_gone(&e));
         assert!(!is_transient(&e));
+    }
+
+    #[test]
+    fn unauthorised_says_so() {
+        let e = map_api_err("get", ApiError::Unauthorized("permission denied".into()));
         assert!(e.to_string().contains("not authorised"), "{e}");
     }
 }

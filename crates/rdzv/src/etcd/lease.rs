@@ -1,5 +1,12 @@
-//! [`KeptLease`]: an etcd lease kept alive by a background task that survives transient etcd
-//! errors and reports the lease lost only when it is really gone.
+//! [`KeptLease`]: an etcd lease kept alive by a background task, with a local **fence**.
+//!
+//! The task renews the lease every third of its TTL and retries failed renewals at once (with
+//! a short backoff), each attempt bounded so that a hung etcd member cannot hold it. The lease
+//! is declared lost when etcd says it is gone, or — the fence — when no renewal has succeeded
+//! for the TTL minus a tenth, counted on this node's monotonic clock from the moment the last
+//! successful renewal was *sent*. etcd extends a lease from the moment it *receives* a renewal,
+//! so a node always considers itself out before etcd can expire its lease and its peers can
+//! re-form without it: a node cut off from etcd stops acting on its rank in time.
 
 use std::time::Duration;
 
@@ -10,7 +17,7 @@ use tokio::time::Instant;
 use super::client::EtcdClient;
 use crate::RendezvousError;
 
-/// A lease and the task that renews it every third of its TTL.
+/// A lease and the task that renews it.
 #[derive(Debug)]
 pub struct KeptLease {
     id: i64,
@@ -20,7 +27,7 @@ pub struct KeptLease {
 }
 
 impl KeptLease {
-    /// Grants a lease of `ttl` and starts keeping it alive.
+    /// Grants a lease of `ttl_secs` and starts keeping it alive.
     ///
     /// # Errors
     /// [`RendezvousError::Connection`] if the grant fails.
@@ -28,15 +35,20 @@ impl KeptLease {
     /// # Cancel safety
     /// Cancel safe; a lease granted by a cancelled call expires by itself.
     pub async fn grant(client: &EtcdClient, ttl_secs: i64) -> Result<Self, RendezvousError> {
+        let sent = Instant::now();
         let id = client.lease_grant(ttl_secs).await?;
-        Ok(Self::keep(client, id, ttl_secs))
+        Ok(Self::keep_from(client, id, ttl_secs, sent))
     }
 
-    /// Keeps an existing lease alive.
+    /// Keeps an existing lease alive (its fence counts from now).
     pub fn keep(client: &EtcdClient, id: i64, ttl_secs: i64) -> Self {
+        Self::keep_from(client, id, ttl_secs, Instant::now())
+    }
+
+    fn keep_from(client: &EtcdClient, id: i64, ttl_secs: i64, valid_from: Instant) -> Self {
         let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
         let (tx, lost) = watch::channel(false);
-        let task = tokio::spawn(keep_alive_loop(client.clone(), id, ttl, tx));
+        let task = tokio::spawn(keep_alive_loop(client.clone(), id, ttl, valid_from, tx));
         Self {
             id,
             ttl,
@@ -55,7 +67,7 @@ impl KeptLease {
         self.ttl
     }
 
-    /// True once the lease is known to be gone.
+    /// True once the lease is lost (etcd said so, or the fence passed).
     pub fn is_lost(&self) -> bool {
         *self.lost.borrow()
     }
@@ -77,60 +89,57 @@ impl Drop for KeptLease {
     }
 }
 
-async fn keep_alive_loop(client: EtcdClient, id: i64, ttl: Duration, lost: watch::Sender<bool>) {
-    let period = ttl / 3;
-    // The lease is valid at least until `valid_until`, as far as we know.
-    let mut valid_until = Instant::now() + ttl;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let (mut keeper, mut stream) = match client.lease_keep_alive(id).await {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::debug!(lease = id, error = %e, "cannot open keep-alive stream; retrying");
-                if Instant::now() > valid_until && lease_gone(&client, id).await {
-                    break;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(period.max(Duration::from_millis(200)));
-                continue;
-            }
-        };
-        // Opening the stream sent one renewal and read its (positive) answer.
-        valid_until = Instant::now() + ttl;
-        backoff = Duration::from_millis(100);
-        loop {
-            tokio::time::sleep(period).await;
-            client.stats().count_keep_alive();
-            if keeper.keep_alive().await.is_err() {
-                break;
-            }
-            // A slow answer under load is no reason to drop the stream: wait for it as long as
-            // the lease is known to be valid.
-            let answer_by = valid_until.max(Instant::now() + period);
-            match tokio::time::timeout_at(answer_by, stream.message()).await {
-                Ok(Ok(Some(resp))) => {
-                    if resp.ttl() <= 0 {
-                        tracing::warn!(lease = id, "etcd says the lease is gone");
-                        let _ = lost.send(true);
-                        return;
-                    }
-                    valid_until = Instant::now() + Duration::from_secs(resp.ttl() as u64);
-                }
-                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
-            }
-        }
-        tracing::debug!(lease = id, "keep-alive stream broken; reconnecting");
-        if Instant::now() > valid_until && lease_gone(&client, id).await {
-            break;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(period.max(Duration::from_millis(200)));
-    }
-    tracing::warn!(lease = id, "lease lost");
-    let _ = lost.send(true);
+/// How long before etcd could expire the lease the node fences itself.
+pub fn fence_margin(ttl: Duration) -> Duration {
+    ttl / 10
 }
 
-/// True if etcd confirms the lease no longer exists (false if etcd cannot be asked).
-async fn lease_gone(client: &EtcdClient, id: i64) -> bool {
-    matches!(client.lease_ttl(id).await, Ok(None))
+async fn keep_alive_loop(
+    client: EtcdClient,
+    id: i64,
+    ttl: Duration,
+    valid_from: Instant,
+    lost: watch::Sender<bool>,
+) {
+    let period = ttl / 3;
+    // The send time of the last renewal etcd answered (or of the grant).
+    let mut renewed_at = valid_from;
+    let mut backoff = Duration::from_millis(50);
+    let mut next = renewed_at + period;
+    loop {
+        let fence = renewed_at + ttl - fence_margin(ttl);
+        tokio::time::sleep_until(next.min(fence)).await;
+        let sent = Instant::now();
+        if sent >= fence {
+            tracing::warn!(
+                lease = id,
+                "no lease renewal succeeded within the TTL: this node's membership is lost"
+            );
+            break;
+        }
+        // One attempt may take at most a period (and never past the fence), so that a hung
+        // member is given up in time to try another.
+        let bound = (sent + period).min(fence);
+        match tokio::time::timeout_at(bound, client.lease_keep_alive(id)).await {
+            Ok(Ok(true)) => {
+                renewed_at = sent;
+                backoff = Duration::from_millis(50);
+                next = sent + period;
+            }
+            Ok(Ok(false)) => {
+                tracing::warn!(lease = id, "etcd says the lease is gone");
+                break;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(lease = id, error = %e, "lease renewal failed; retrying");
+                next = Instant::now() + backoff;
+                backoff = (backoff * 2).min(period / 2);
+            }
+            Err(_) => {
+                tracing::debug!(lease = id, "lease renewal got no answer in time; retrying");
+                next = Instant::now();
+            }
+        }
+    }
+    let _ = lost.send(true);
 }

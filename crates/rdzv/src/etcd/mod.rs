@@ -6,6 +6,7 @@
 //! [`watch`] (a watch that recovers from compaction), [`rendezvous`] (the handler),
 //! [`store`] (the round's key-value store) and [`server`] (a throw-away etcd).
 
+pub mod api;
 pub mod client;
 pub mod keys;
 pub mod lease;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions};
+use super::api::{EventType, GetOptions, KeyValue};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
@@ -162,6 +162,7 @@ async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<(), Ren
     let round = args.round;
     loop {
         tokio::select! {
+            biased;
             item = watch.next() => match item? {
                 WatchItem::Events(events) => {
                     for ev in events {
@@ -195,7 +196,7 @@ async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<(), Ren
 async fn resync(
     args: &MonitorArgs,
     state: &mut MonitorState,
-    kvs: &[etcd_client::KeyValue],
+    kvs: &[KeyValue],
 ) -> Result<(), RendezvousError> {
     let round = args.round;
     let mut present = BTreeSet::new();

@@ -234,15 +234,15 @@ impl ConnectionOptions {
         let urls = self.urls();
         let described = urls.join(",");
         let attempt = async {
-            let client = Client::connect(&urls, Some(options))
-                .await
-                .map_err(|e| super::client::map_err(&format!("connecting to {described}"), e))?;
+            let client = Client::connect(&urls, Some(options)).await.map_err(|e| {
+                super::client::map_grpc_err(&format!("connecting to {described}"), e)
+            })?;
             // The connection is lazy: ask something to know that etcd answers.
             client
                 .kv_client()
                 .get("/", Some(etcd_client::GetOptions::new().with_count_only()))
                 .await
-                .map_err(|e| super::client::map_err(&format!("talking to {described}"), e))?;
+                .map_err(|e| super::client::map_grpc_err(&format!("talking to {described}"), e))?;
             Ok::<_, RendezvousError>(client)
         };
         match tokio::time::timeout(self.connect_timeout, attempt).await {
@@ -278,8 +278,10 @@ impl ConnectionOptions {
                     Ok(c) => clients.push(c),
                     Err(e) => {
                         tracing::warn!(endpoint = %url, error = %e, "cannot connect to this etcd endpoint");
-                        last_error =
-                            Some(super::client::map_err(&format!("connecting to {url}"), e));
+                        last_error = Some(super::client::map_grpc_err(
+                            &format!("connecting to {url}"),
+                            e,
+                        ));
                     }
                 }
             }
@@ -288,11 +290,11 @@ impl ConnectionOptions {
                     RendezvousError::Connection(format!("no etcd endpoint in {described}"))
                 }));
             }
-            let client =
-                EtcdClient::from_clients(clients, stats).with_request_timeout(self.request_timeout);
+            let api = super::api::GrpcEtcd::new(clients).with_request_timeout(self.request_timeout);
+            let client = EtcdClient::from_api(std::sync::Arc::new(api), stats);
             // The connections are lazy: ask something to know that etcd answers.
             client
-                .get("/", Some(etcd_client::GetOptions::new().with_count_only()))
+                .get("/", Some(super::api::GetOptions::new().with_count_only()))
                 .await
                 .map_err(|e| match e {
                     RendezvousError::Connection(m) => {

@@ -27,10 +27,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+use super::api::{
+    Compare, CompareOp, DeleteOptions, Event, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, TxnOpResponse,
 };
+use async_trait::async_trait;
 use tokio::sync::{broadcast, Mutex};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -362,8 +363,8 @@ impl EtcdRendezvousHandler {
             .and_then(ops)
             .or_else([TxnOp::get(k.current(), None), TxnOp::get(k.closed(), None)]);
         let resp = self.client.txn(txn).await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let mut responses = resp.op_responses().into_iter();
+        let revision = resp.revision();
+        let mut responses = resp.op_responses().iter();
         if resp.succeeded() {
             for old in stale {
                 st.joined.remove(&old);
@@ -420,11 +421,11 @@ impl EtcdRendezvousHandler {
             )])
             .or_else([TxnOp::get(key.clone(), None)]);
         let resp = self.client.txn(txn).await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let revision = resp.revision();
         if resp.succeeded() {
             return Ok((lc, revision, true));
         }
-        match resp.op_responses().into_iter().next() {
+        match resp.op_responses().iter().next() {
             Some(TxnOpResponse::Get(g)) => match g.kvs().first() {
                 Some(kv) => Ok((decode(kv.key(), kv.value())?, kv.mod_revision(), false)),
                 None => Ok((lc, revision, false)),
@@ -492,7 +493,7 @@ impl EtcdRendezvousHandler {
                 Some(GetOptions::new().with_prefix()),
             )
             .await?;
-        let members_revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let members_revision = resp.revision();
         let mut candidates = Vec::with_capacity(resp.kvs().len());
         for kv in resp.kvs() {
             let rec: NodeRecord = decode(kv.key(), kv.value())?;
@@ -554,12 +555,8 @@ impl EtcdRendezvousHandler {
         if round > 2 {
             // Nobody reads a round two behind the one just completed: drop its keys.
             let old = round - 2;
-            let range = |prefix: String| {
-                TxnOp::delete(
-                    prefix,
-                    Some(etcd_client::DeleteOptions::new().with_prefix()),
-                )
-            };
+            let range =
+                |prefix: String| TxnOp::delete(prefix, Some(DeleteOptions::new().with_prefix()));
             finish.push(range(k.round_prefix(old)));
             finish.push(range(k.assign_prefix(old)));
             finish.push(range(k.kv_prefix(old)));
@@ -737,6 +734,7 @@ impl EtcdRendezvousHandler {
             }
             let sleep_until = next_attempt.unwrap_or(deadline).min(deadline);
             tokio::select! {
+                biased;
                 item = watch.next() => match item? {
                     WatchItem::Events(events) => {
                         // Events up to the join are in the join's snapshot already.
@@ -905,11 +903,7 @@ impl CtlView {
         kvs.iter().try_for_each(|kv| self.apply_kv(keys, kv, false))
     }
 
-    fn apply_event(
-        &mut self,
-        keys: &RunKeys,
-        ev: &etcd_client::Event,
-    ) -> Result<(), RendezvousError> {
+    fn apply_event(&mut self, keys: &RunKeys, ev: &Event) -> Result<(), RendezvousError> {
         match ev.kv() {
             Some(kv) => self.apply_kv(keys, kv, ev.event_type() == EventType::Delete),
             None => Ok(()),
@@ -997,7 +991,7 @@ async fn ensure_run_lease(
         return Ok(KeptLease::keep(client, id, ttl_secs));
     }
     client.lease_revoke(id).await?;
-    match resp.op_responses().into_iter().next() {
+    match resp.op_responses().iter().next() {
         Some(TxnOpResponse::Get(g)) => match g.kvs().first() {
             Some(kv) if kv.lease() != 0 => Ok(KeptLease::keep(client, kv.lease(), ttl_secs)),
             _ => Err(RendezvousError::State(format!(

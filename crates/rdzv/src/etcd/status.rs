@@ -1,6 +1,6 @@
 //! [`RunStatus`]: what is known of a run, read from etcd in a few requests (for `rdzv status`).
 
-use etcd_client::GetOptions;
+use super::api::GetOptions;
 use serde::Serialize;
 
 use super::client::EtcdClient;

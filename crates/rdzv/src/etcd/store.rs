@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use async_trait::async_trait;
-use etcd_client::{
+use super::api::{
     Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
+use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::client::EtcdClient;
@@ -61,7 +61,7 @@ impl EtcdStore {
         let mut revision = 0;
         for chunk in ops.chunks(100) {
             let resp = self.client.txn(Txn::new().and_then(chunk.to_vec())).await?;
-            revision = revision.max(resp.header().map(|h| h.revision()).unwrap_or(0));
+            revision = revision.max(resp.revision());
             for r in resp.op_responses() {
                 found.push(matches!(r, TxnOpResponse::Get(g) if g.count() > 0));
             }
@@ -100,7 +100,7 @@ impl Store for EtcdStore {
         if let Some(kv) = resp.kvs().first() {
             return Ok(kv.value().to_vec());
         }
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let revision = resp.revision();
         let deadline = Instant::now() + timeout;
         let mut end = full.clone().into_bytes();
         end.push(0);
@@ -162,7 +162,7 @@ impl Store for EtcdStore {
             if resp.succeeded() {
                 return Ok(new);
             }
-            seen = match resp.op_responses().into_iter().next() {
+            seen = match resp.op_responses().iter().next() {
                 Some(TxnOpResponse::Get(g)) => match g.kvs().first() {
                     Some(kv) => Some((parse_counter(key, kv.value())?, kv.mod_revision())),
                     None => None,
@@ -196,7 +196,7 @@ impl Store for EtcdStore {
         if resp.succeeded() {
             return Ok(desired.to_vec());
         }
-        Ok(match resp.op_responses().into_iter().next() {
+        Ok(match resp.op_responses().iter().next() {
             Some(TxnOpResponse::Get(g)) => g
                 .kvs()
                 .first()

@@ -7,8 +7,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Event, GetOptions, KeyValue, WatchOptions, WatchStream};
-
+use super::api::{Event, GetOptions, KeyValue, WatchOptions, WatchStream};
 use super::client::EtcdClient;
 use crate::RendezvousError;
 
@@ -34,7 +33,7 @@ pub struct RangeWatch {
     start: Vec<u8>,
     end: Vec<u8>,
     next_revision: i64,
-    stream: Option<WatchStream>,
+    stream: Option<Box<dyn WatchStream>>,
 }
 
 impl RangeWatch {
@@ -78,15 +77,7 @@ impl RangeWatch {
     ) -> Result<(Self, i64), RendezvousError> {
         let (start, end) = (start.into(), end.into());
         let options = WatchOptions::new().with_range(end.clone());
-        let mut stream = client.watch(start.clone(), Some(options)).await?;
-        let created = stream
-            .message()
-            .await
-            .map_err(|e| super::client::map_err("watch", e))?
-            .ok_or_else(|| {
-                RendezvousError::Connection("watch: stream ended before it was created".into())
-            })?;
-        let revision = created.header().map(|h| h.revision()).unwrap_or(0);
+        let (stream, revision) = client.watch(start.clone(), Some(options)).await?;
         let watch = Self {
             client: client.clone(),
             start,
@@ -97,15 +88,26 @@ impl RangeWatch {
         Ok((watch, revision))
     }
 
+    /// The revision from which the next events will come.
+    pub fn next_revision(&self) -> i64 {
+        self.next_revision
+    }
+
     async fn reopen(&mut self) -> Result<(), RendezvousError> {
         let options = WatchOptions::new()
             .with_range(self.end.clone())
             .with_start_revision(self.next_revision);
-        self.stream = Some(self.client.watch(self.start.clone(), Some(options)).await?);
+        self.stream = Some(
+            self.client
+                .watch(self.start.clone(), Some(options))
+                .await?
+                .0,
+        );
         Ok(())
     }
 
     async fn resync(&mut self) -> Result<WatchItem, RendezvousError> {
+        self.stream = None;
         let resp = self
             .client
             .get(
@@ -113,11 +115,11 @@ impl RangeWatch {
                 Some(GetOptions::new().with_range(self.end.clone())),
             )
             .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let revision = resp.revision();
         self.next_revision = revision + 1;
         self.reopen().await?;
         Ok(WatchItem::Resync {
-            kvs: resp.kvs().to_vec(),
+            kvs: resp.kvs,
             revision,
         })
     }
@@ -125,8 +127,8 @@ impl RangeWatch {
     /// The next events (or a resync snapshot).
     ///
     /// # Errors
-    /// [`RendezvousError::Connection`] if etcd stays unreachable while re-opening (the caller
-    /// may call again).
+    /// [`RendezvousError::Connection`] if etcd is unreachable while re-opening (the caller
+    /// may call again: the watch resumes where it was).
     ///
     /// # Cancel safety
     /// Cancel safe: no event is consumed by a cancelled call.
@@ -147,25 +149,20 @@ impl RangeWatch {
                         return self.resync().await;
                     }
                     if resp.canceled() {
-                        tracing::debug!(reason = resp.cancel_reason(), "watch cancelled by etcd");
+                        tracing::debug!(reason = %resp.cancel_reason, "watch cancelled by etcd");
                         self.stream = None;
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                         continue;
                     }
-                    let events = resp.events();
-                    if events.is_empty() {
+                    if resp.events.is_empty() {
                         continue;
                     }
-                    self.client.stats().count_watch_events(events.len());
-                    if let Some(rev) = events
-                        .last()
-                        .and_then(|e| e.kv())
-                        .map(|kv| kv.mod_revision())
-                    {
+                    self.client.stats().count_watch_events(resp.events.len());
+                    if let Some(rev) = resp.events.last().map(|e| e.kv.mod_revision) {
                         self.next_revision = rev + 1;
                     }
-                    return Ok(WatchItem::Events(events.to_vec()));
+                    return Ok(WatchItem::Events(resp.events));
                 }
                 Ok(None) | Err(_) => {
                     tracing::debug!("watch stream ended; re-opening");

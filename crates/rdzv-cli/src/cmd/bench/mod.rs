@@ -51,8 +51,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use etcd_client::GetOptions;
 use indicatif::{ProgressBar, ProgressStyle};
+use rdzv::etcd::api::GetOptions;
 use rdzv::etcd::keys::RunKeys;
 use rdzv::etcd::{
     ConnectionOptions, EtcdClient, EtcdRendezvousHandler, EtcdServer, EtcdServerOptions,
