@@ -35,13 +35,16 @@ struct KeepAlive {
     stream: ec::LeaseKeepAliveStream,
 }
 
+/// The keep-alive stream of one lease, if open.
+type KeepAliveSlot = Arc<tokio::sync::Mutex<Option<KeepAlive>>>;
+
 /// A real etcd cluster: one `etcd-client` connection per endpoint, with failover.
 #[derive(Clone)]
 pub struct GrpcEtcd {
     clients: Arc<Vec<ec::Client>>,
     current: Arc<AtomicUsize>,
     request_timeout: Duration,
-    keep_alives: Arc<std::sync::Mutex<HashMap<i64, Arc<tokio::sync::Mutex<Option<KeepAlive>>>>>>,
+    keep_alives: Arc<std::sync::Mutex<HashMap<i64, KeepAliveSlot>>>,
 }
 
 impl std::fmt::Debug for GrpcEtcd {
@@ -138,7 +141,7 @@ impl GrpcEtcd {
     }
 
     /// The keep-alive slot of a lease.
-    fn keep_alive_slot(&self, id: i64) -> Arc<tokio::sync::Mutex<Option<KeepAlive>>> {
+    fn keep_alive_slot(&self, id: i64) -> KeepAliveSlot {
         let mut map = self
             .keep_alives
             .lock()
