@@ -389,7 +389,7 @@ fn main() {
 
     if optional_number::<u64>("WORKER_FAIL_RANK") == Some(env.rank) {
         let until = optional_number::<u64>("WORKER_FAIL_UNTIL_RESTART");
-        if until.map_or(true, |n| env.restart_count < n) {
+        if until.is_none_or(|n| env.restart_count < n) {
             fail(
                 EXIT_INJECTED,
                 format!(
@@ -402,7 +402,7 @@ fn main() {
 
     if let Some(secs) = optional_number::<f64>("WORKER_SLEEP_SECS") {
         let only_world = optional_number::<u64>("WORKER_SLEEP_IF_WORLD");
-        if only_world.map_or(true, |w| w == env.world_size) {
+        if only_world.is_none_or(|w| w == env.world_size) {
             std::thread::sleep(Duration::from_secs_f64(secs.max(0.0)));
         }
     }

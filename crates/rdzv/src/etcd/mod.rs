@@ -11,6 +11,7 @@ pub mod client;
 pub mod keys;
 pub mod lease;
 mod monitor;
+pub mod node;
 pub mod options;
 pub mod ranks;
 pub mod records;
@@ -23,6 +24,7 @@ pub mod watch;
 use std::sync::Arc;
 
 pub use client::{EtcdClient, RequestStats, StatsSnapshot};
+pub use node::NodeEnv;
 pub use options::{ConnectionOptions, RendezvousSettings, DEFAULT_ETCD_PORT};
 pub use rendezvous::EtcdRendezvousHandler;
 pub use server::{

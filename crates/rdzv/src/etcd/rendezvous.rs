@@ -40,10 +40,11 @@ use super::client::{is_transient, EtcdClient};
 use super::keys::{prefix_end, RunKeys};
 use super::lease::KeptLease;
 use super::monitor::{spawn_monitor, MonitorArgs};
+use super::node::{local_node_record, NodeEnv};
 use super::options::{ConnectionOptions, RendezvousSettings};
 use super::ranks::{assign_ranks, Candidate};
 use super::records::{
-    decode, encode, now_ms, Assignment, Claim, ClosedRecord, FinalRecord, LastCall, NodeRecord,
+    decode, encode, Assignment, Claim, ClosedRecord, FinalRecord, LastCall, NodeRecord,
     SCHEMA_VERSION,
 };
 use super::store::EtcdStore;
@@ -76,6 +77,7 @@ pub struct EtcdRendezvousHandler {
     state: Mutex<RoundState>,
     events: broadcast::Sender<MembershipEvent>,
     waiting: Arc<AtomicUsize>,
+    env: NodeEnv,
 }
 
 #[derive(Debug, Default)]
@@ -160,8 +162,27 @@ impl EtcdRendezvousHandler {
         settings: RendezvousSettings,
     ) -> Result<Self, RendezvousError> {
         params.validate()?;
-        let keys = RunKeys::new(&settings.prefix, &params.run_id);
         let node = local_node_record(params.local_addr.as_deref(), settings.node_rank);
+        Self::with_identity(client, params, settings, node, NodeEnv::from_machine()).await
+    }
+
+    /// As [`EtcdRendezvousHandler::with_client`], with a given node record and environment
+    /// (for simulations and tests: a fixed node id, a seeded random source and a given clock).
+    ///
+    /// # Errors
+    /// As [`EtcdRendezvousHandler::connect`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn with_identity(
+        client: EtcdClient,
+        params: &RendezvousParameters,
+        settings: RendezvousSettings,
+        node: NodeRecord,
+        env: NodeEnv,
+    ) -> Result<Self, RendezvousError> {
+        params.validate()?;
+        let keys = RunKeys::new(&settings.prefix, &params.run_id);
         let run_lease = ensure_run_lease(&client, &keys, settings.retention_secs()).await?;
         let node_lease = KeptLease::grant(&client, settings.keep_alive_ttl_secs()).await?;
         tracing::debug!(run_id = %params.run_id, node_id = %node.node_id, "rendezvous handler ready");
@@ -176,6 +197,7 @@ impl EtcdRendezvousHandler {
             state: Mutex::new(RoundState::default()),
             events: broadcast::channel(1024).0,
             waiting: Arc::new(AtomicUsize::new(0)),
+            env,
         })
     }
 
@@ -507,7 +529,7 @@ impl EtcdRendezvousHandler {
         }
         if candidates.len() < min {
             if let Some((lc, mod_rev)) = lastcall {
-                if now_ms() >= lc.deadline_ms {
+                if self.env.now_ms() >= lc.deadline_ms {
                     // Members left during the last call: withdraw it, the next join re-arms it.
                     let txn = Txn::new()
                         .when([Compare::mod_revision(
@@ -523,7 +545,7 @@ impl EtcdRendezvousHandler {
         }
         let table = assign_ranks(candidates, max);
         let world_size = table.ranked.len();
-        let token = uuid::Uuid::new_v4().simple().to_string();
+        let token = self.env.token();
         let record = FinalRecord {
             v: SCHEMA_VERSION,
             round,
@@ -701,9 +723,11 @@ impl EtcdRendezvousHandler {
             } else {
                 self.settings.last_call_timeout.as_millis() as u64
             };
-            let (lc, rev, mine) = self.ensure_lastcall(round, now_ms() + wait).await?;
+            let (lc, rev, mine) = self
+                .ensure_lastcall(round, self.env.now_ms() + wait)
+                .await?;
             if mine {
-                next_attempt = Some(instant_at(lc.deadline_ms));
+                next_attempt = Some(self.env.instant_at(lc.deadline_ms));
             }
             view.lastcall = Some((lc, rev));
         }
@@ -711,7 +735,7 @@ impl EtcdRendezvousHandler {
             next_attempt = Some(Instant::now());
         }
         if next_attempt.is_none() {
-            next_attempt = view.backup_time(grace);
+            next_attempt = view.backup_time(&self.env, grace);
         }
         let mut lease_lost = self.node_lease.lock().await.lost_receiver();
         let mut watchdog = tokio::time::interval_at(
@@ -746,13 +770,13 @@ impl EtcdRendezvousHandler {
                         }
                         gate_open |= view.lastcall.is_some();
                         if next_attempt.is_none() {
-                            next_attempt = view.backup_time(grace);
+                            next_attempt = view.backup_time(&self.env, grace);
                         }
                     }
                     WatchItem::Resync { kvs, .. } => {
                         view = CtlView::default();
                         view.apply_snapshot(&self.keys, &kvs)?;
-                        next_attempt = view.backup_time(grace);
+                        next_attempt = view.backup_time(&self.env, grace);
                     }
                 },
                 _ = tokio::time::sleep_until(sleep_until) => {
@@ -788,10 +812,10 @@ impl EtcdRendezvousHandler {
                     }
                     if count >= min && view.lastcall.is_none() {
                         let wait = if count >= max { 0 } else { self.settings.last_call_timeout.as_millis() as u64 };
-                        let (lc, rev, mine) = self.ensure_lastcall(round, now_ms() + wait).await?;
-                        next_attempt = if mine { Some(instant_at(lc.deadline_ms)) } else { None };
+                        let (lc, rev, mine) = self.ensure_lastcall(round, self.env.now_ms() + wait).await?;
+                        next_attempt = if mine { Some(self.env.instant_at(lc.deadline_ms)) } else { None };
                         view.lastcall = Some((lc, rev));
-                        next_attempt = next_attempt.or_else(|| view.backup_time(grace));
+                        next_attempt = next_attempt.or_else(|| view.backup_time(&self.env, grace));
                     }
                     if count >= max {
                         next_attempt = Some(Instant::now());
@@ -911,34 +935,11 @@ impl CtlView {
     }
 
     /// When a node that is not the last call's writer should step in.
-    fn backup_time(&self, grace: Duration) -> Option<Instant> {
+    fn backup_time(&self, env: &NodeEnv, grace: Duration) -> Option<Instant> {
         self.lastcall
             .as_ref()
-            .map(|(lc, _)| instant_at(lc.deadline_ms) + grace)
+            .map(|(lc, _)| env.instant_at(lc.deadline_ms) + grace)
     }
-}
-
-/// The monotonic instant of a wall-clock time in milliseconds.
-fn instant_at(unix_ms: u64) -> Instant {
-    let now = now_ms();
-    if unix_ms <= now {
-        Instant::now()
-    } else {
-        Instant::now() + Duration::from_millis(unix_ms - now)
-    }
-}
-
-/// A random number in `[0, 1)` (std's per-process random hash keys, no extra crate).
-fn random_fraction() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A stable per-node delay in `[0, max)`, so that backups do not all fire at once.
@@ -1041,67 +1042,13 @@ pub(crate) async fn members_of(
     Ok(ranked.into_iter().map(|(_, rec)| rec).collect())
 }
 
-/// This process's node record.
-fn local_node_record(local_addr: Option<&str>, node_rank: Option<u64>) -> NodeRecord {
-    let hostname = hostname();
-    let safe_host: String = hostname
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
-    NodeRecord {
-        v: SCHEMA_VERSION,
-        node_id: format!("{safe_host}-{}-{}", std::process::id(), &suffix[..8]),
-        hostname,
-        addrs: match local_addr {
-            Some(a) => vec![a.to_string()],
-            None => detect_addresses(),
-        },
-        node_rank,
-        prev_rank: None,
-        pid: std::process::id(),
-        detached: false,
-        left: false,
-    }
-}
-
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: `buf` is valid for `buf.len()` bytes; gethostname writes at most that many.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "localhost".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
-/// The addresses this host would use to reach others: the source address of the default
-/// route for IPv4 and IPv6 (no packet is sent), falling back to loopback.
-fn detect_addresses() -> Vec<String> {
-    use std::net::UdpSocket;
-    let mut addrs = Vec::new();
-    for (bind, target) in [("0.0.0.0:0", "192.0.2.1:9"), ("[::]:0", "[2001:db8::1]:9")] {
-        if let Ok(sock) = UdpSocket::bind(bind) {
-            if sock.connect(target).is_ok() {
-                if let Ok(local) = sock.local_addr() {
-                    if !local.ip().is_unspecified() {
-                        addrs.push(local.ip().to_string());
-                    }
-                }
-            }
+impl Drop for EtcdRendezvousHandler {
+    fn drop(&mut self) {
+        // The leases' keep-alive tasks stop with their `KeptLease`s; the monitor with this.
+        if let Some(monitor) = self.state.get_mut().monitor.take() {
+            monitor.abort();
         }
     }
-    if addrs.is_empty() {
-        addrs.push("127.0.0.1".into());
-    }
-    addrs
 }
 
 #[async_trait]
@@ -1151,7 +1098,7 @@ impl RendezvousHandler for EtcdRendezvousHandler {
                     tracing::warn!(round, error = %e, "etcd unavailable; retrying");
                     // Jittered, so that a crowd of nodes does not retry in step.
                     let pause = backoff
-                        .mul_f64(0.5 + random_fraction())
+                        .mul_f64(0.5 + self.env.fraction())
                         .min(deadline.saturating_duration_since(Instant::now()));
                     tokio::time::sleep(pause).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -1234,7 +1181,7 @@ impl RendezvousHandler for EtcdRendezvousHandler {
         let record = encode(&ClosedRecord {
             v: SCHEMA_VERSION,
             by: self.node.node_id.clone(),
-            at_ms: now_ms(),
+            at_ms: self.env.now_ms(),
         });
         for _ in 0..32 {
             let run_lease = self.run_lease_id().await?;

@@ -1,0 +1,390 @@
+//! One simulated run: a configuration drawn from the seed, the nodes, a period of faults, then
+//! a quiet period after which the job must have settled ([`run_seed`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdzv::etcd::keys::RunKeys;
+use rdzv::etcd::RendezvousSettings;
+use rdzv::RendezvousParameters;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::agent::{run_agent, AgentControl, AgentEnd, Shared};
+use crate::check::Checker;
+use crate::model::{Limits, Model};
+use crate::server::{FaultRates, NodeLink, SimEtcd};
+use crate::{SimReport, SimRng};
+
+/// A run's configuration, drawn from its seed.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Nodes the job is meant to have (population, spares included).
+    pub population: usize,
+    /// `min_nodes`.
+    pub min_nodes: usize,
+    /// `max_nodes`.
+    pub max_nodes: usize,
+    /// The node lease TTL (whole seconds).
+    pub ttl_secs: u64,
+    /// `last_call_timeout`.
+    pub last_call: Duration,
+    /// Clients give up on a request after this.
+    pub request_timeout: Duration,
+    /// `max_txn_ops` of etcd and of the settings (small values force chunked finalisation).
+    pub max_txn_ops: usize,
+    /// How long faults are injected.
+    pub chaos: Duration,
+    /// Mean time between injected faults.
+    pub fault_interval: Duration,
+    /// Random request faults in bursts reach these rates.
+    pub burst: FaultRates,
+    /// Whether some node closes the run during the chaos.
+    pub close: bool,
+}
+
+impl SimConfig {
+    /// Draws a configuration.
+    pub fn draw(rng: &SimRng) -> Self {
+        let max_nodes = rng.range_u64(1, 5) as usize;
+        let min_nodes = rng.range_u64(1, max_nodes as u64) as usize;
+        // Sometimes spares beyond max_nodes.
+        let spares = if rng.chance(0.4) {
+            rng.range_u64(1, 2) as usize
+        } else {
+            0
+        };
+        let ttl_secs = rng.range_u64(2, 4);
+        let p = |hi: f64| rng.fraction() * hi;
+        Self {
+            population: max_nodes + spares,
+            min_nodes,
+            max_nodes,
+            ttl_secs,
+            last_call: if rng.chance(0.3) {
+                Duration::ZERO
+            } else {
+                rng.duration(Duration::from_millis(200), Duration::from_millis(2500))
+            },
+            request_timeout: rng.duration(Duration::from_secs(1), Duration::from_secs(5)),
+            max_txn_ops: if rng.chance(0.25) { 4 } else { 128 },
+            chaos: rng.duration(Duration::from_secs(20), Duration::from_secs(60)),
+            fault_interval: rng.duration(Duration::from_millis(500), Duration::from_secs(4)),
+            burst: FaultRates {
+                drop_before: p(0.2),
+                overloaded: p(0.1),
+                lose_response: p(0.2),
+                duplicate: p(0.1),
+                watch_break: p(0.1),
+                latency_ms: (1, rng.range_u64(3, 40)),
+            },
+            close: rng.chance(0.1),
+        }
+    }
+
+    /// The configuration in words.
+    pub fn describe(&self) -> String {
+        format!(
+            "population {}, nodes {}..{}, ttl {} s, last call {:?}, request timeout {:?}, \
+             max_txn_ops {}, chaos {:?}, a fault every ~{:?}{}",
+            self.population,
+            self.min_nodes,
+            self.max_nodes,
+            self.ttl_secs,
+            self.last_call,
+            self.request_timeout,
+            self.max_txn_ops,
+            self.chaos,
+            self.fault_interval,
+            if self.close {
+                ", closed during the run"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// One node of the run.
+struct Node {
+    name: String,
+    link: Arc<NodeLink>,
+    control: Arc<AgentControl>,
+    task: JoinHandle<AgentEnd>,
+}
+
+/// The run's nodes, by slot (a slot is refilled by a new node when its node is gone).
+struct Nodes {
+    shared: Shared,
+    rng: SimRng,
+    slots: Vec<Option<Node>>,
+    incarnations: Vec<u32>,
+}
+
+impl Nodes {
+    fn start(&mut self, slot: usize) {
+        let incarnation = self.incarnations[slot];
+        self.incarnations[slot] += 1;
+        let name = format!("n{slot}.{incarnation}");
+        let link = Arc::new(NodeLink::default());
+        let control = Arc::new(AgentControl::default());
+        let task = tokio::spawn(run_agent(
+            self.shared.clone(),
+            name.clone(),
+            slot,
+            link.clone(),
+            self.rng.seed(),
+            control.clone(),
+        ));
+        self.slots[slot] = Some(Node {
+            name,
+            link,
+            control,
+            task,
+        });
+    }
+
+    fn live(&self) -> Vec<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.as_ref().is_some_and(|n| !n.task.is_finished()))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn pick_live(&self) -> Option<usize> {
+        let live = self.live();
+        (!live.is_empty()).then(|| live[self.rng.below(live.len())])
+    }
+
+    fn crash(&mut self, slot: usize) {
+        if let Some(node) = self.slots[slot].take() {
+            node.link.crash();
+            node.task.abort();
+            self.shared
+                .checker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .on_gone(&node.name);
+        }
+    }
+
+    /// Refills every empty or ended slot (unless the run is closed).
+    fn refill(&mut self, closed: bool) -> usize {
+        let mut started = 0;
+        for slot in 0..self.slots.len() {
+            let ended = self.slots[slot]
+                .as_ref()
+                .is_none_or(|n| n.task.is_finished());
+            if ended && !closed {
+                self.start(slot);
+                started += 1;
+            }
+        }
+        started
+    }
+}
+
+/// Runs the simulation for `seed` and checks it.
+pub fn run_seed(seed: u64) -> SimReport {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread runtime");
+    runtime.block_on(simulate(seed))
+}
+
+async fn simulate(seed: u64) -> SimReport {
+    let rng = SimRng::new(seed);
+    let cfg = SimConfig::draw(&rng);
+    let limits = Limits {
+        max_txn_ops: cfg.max_txn_ops,
+        min_lease_ttl: 2,
+    };
+    let etcd = SimEtcd::start(
+        Model::new(limits),
+        rng.clone(),
+        FaultRates::none(),
+        cfg.request_timeout,
+    );
+    let run_id = "job";
+    let params =
+        RendezvousParameters::new("etcd", "sim:2379", run_id, cfg.min_nodes, cfg.max_nodes)
+            .expect("valid parameters");
+    let settings = RendezvousSettings {
+        prefix: "/rdzv".into(),
+        timeout: Duration::from_secs(120),
+        last_call_timeout: cfg.last_call,
+        keep_alive_ttl: Duration::from_secs(cfg.ttl_secs),
+        retention: Duration::from_secs(3600),
+        store_timeout: Duration::from_secs(60),
+        node_rank: None,
+        max_txn_ops: cfg.max_txn_ops,
+        min_nodes: cfg.min_nodes,
+        max_nodes: cfg.max_nodes,
+    };
+    let checker = Arc::new(Mutex::new(Checker::new(
+        RunKeys::new(&settings.prefix, run_id),
+        cfg.min_nodes,
+        cfg.max_nodes,
+    )));
+    {
+        let checker = checker.clone();
+        let clock = etcd.clone();
+        etcd.set_observer(Box::new(move |model, events| {
+            let now = clock_now(&clock);
+            checker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .observe(model, events, now);
+        }));
+    }
+    let shared = Shared {
+        etcd: etcd.clone(),
+        checker: checker.clone(),
+        params,
+        settings,
+    };
+    let mut nodes = Nodes {
+        shared,
+        rng: rng.clone(),
+        slots: (0..cfg.population).map(|_| None).collect(),
+        incarnations: vec![0; cfg.population],
+    };
+    let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut count = |kind: &'static str| *faults.entry(kind).or_default() += 1;
+    // The nodes arrive within the first seconds, spares (the last slots) later.
+    let started = Instant::now();
+    for slot in 0..cfg.population {
+        tokio::time::sleep(rng.duration(Duration::ZERO, Duration::from_millis(1500))).await;
+        nodes.start(slot);
+    }
+    let ttl = Duration::from_secs(cfg.ttl_secs);
+    let chaos_end = started + cfg.chaos;
+    let mut burst_until = Instant::now();
+    let mut closed_by_us = false;
+    while Instant::now() < chaos_end {
+        let pause = rng.duration(Duration::ZERO, cfg.fault_interval * 2);
+        tokio::time::sleep(pause).await;
+        if Instant::now() >= burst_until {
+            etcd.set_rates(FaultRates::none());
+        }
+        let left = chaos_end.saturating_duration_since(Instant::now());
+        let closed = lock(&checker).closed();
+        // Faults end before the chaos does.
+        let span = |lo: Duration, hi: Duration| rng.duration(lo, hi).min(left);
+        match rng.below(100) {
+            0..=14 => {
+                if let Some(slot) = nodes.pick_live() {
+                    nodes.crash(slot);
+                    count("crash");
+                }
+            }
+            15..=29 => {
+                if let Some(slot) = nodes.pick_live() {
+                    let d = span(Duration::from_millis(200), ttl * 2);
+                    if let Some(n) = nodes.slots[slot].as_ref() {
+                        n.link.stall_until(Instant::now() + d);
+                    }
+                    count("stall");
+                }
+            }
+            30..=39 => {
+                if let Some(slot) = nodes.pick_live() {
+                    let d = span(Duration::from_millis(500), ttl * 3);
+                    if let Some(n) = nodes.slots[slot].as_ref() {
+                        n.link.partition_until(Instant::now() + d);
+                    }
+                    count("partition");
+                }
+            }
+            40..=44 => {
+                etcd.leader_change(span(
+                    Duration::from_millis(100),
+                    Duration::from_millis(1500),
+                ));
+                count("leader change");
+            }
+            45..=52 => {
+                etcd.compact_now();
+                count("compaction");
+            }
+            53..=62 => {
+                if let Some(slot) = nodes.pick_live() {
+                    if let Some(n) = nodes.slots[slot].as_ref() {
+                        n.control.leave.notify_one();
+                    }
+                    count("leave");
+                }
+            }
+            63..=77 => {
+                etcd.set_rates(cfg.burst);
+                burst_until =
+                    Instant::now() + span(Duration::from_millis(100), Duration::from_secs(3));
+                count("request fault burst");
+            }
+            78..=79 if cfg.close && !closed_by_us => {
+                if let Some(slot) = nodes.pick_live() {
+                    if let Some(n) = nodes.slots[slot].as_ref() {
+                        n.control.close.notify_one();
+                    }
+                    closed_by_us = true;
+                    count("close");
+                }
+            }
+            _ => {
+                // Replacements for the nodes that are gone (a newcomer each).
+                let n = nodes.refill(closed || closed_by_us);
+                for _ in 0..n {
+                    count("newcomer");
+                }
+            }
+        }
+    }
+    // Quiet: no more faults; every slot gets a live node; the job must settle.
+    etcd.set_rates(FaultRates::none());
+    tokio::time::sleep_until(chaos_end).await;
+    let closed = lock(&checker).closed() || closed_by_us;
+    nodes.refill(closed);
+    let stable = ttl * 2 + cfg.last_call + Duration::from_secs(5);
+    // Long enough for: a lease to expire (TTL), a newcomer's gate, a last call with its
+    // backups, a request timeout, and the stable window itself.
+    let settle =
+        ttl * 4 + cfg.last_call * 2 + cfg.request_timeout * 2 + stable + Duration::from_secs(10);
+    tokio::time::sleep(settle).await;
+    let alive: BTreeSet<String> = nodes
+        .live()
+        .into_iter()
+        .filter_map(|s| nodes.slots[s].as_ref().map(|n| n.name.clone()))
+        .collect();
+    let now = clock_now(&etcd);
+    let mut c = lock(&checker);
+    c.check_settled(&alive, now, stable.as_millis() as u64);
+    let report = SimReport {
+        seed,
+        config: cfg.describe(),
+        rounds: c.finals().len() as u64,
+        views: c.views(),
+        faults,
+        checks: c.checks(),
+        violations: c.violations().to_vec(),
+        trace: c.trace(),
+        sim_ms: now,
+    };
+    drop(c);
+    for slot in 0..nodes.slots.len() {
+        nodes.crash(slot);
+    }
+    report
+}
+
+fn clock_now(etcd: &SimEtcd) -> u64 {
+    etcd.now_ms()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,87 @@
+//! `rdzv-sim`: runs the deterministic simulation for many seeds (the soak version of the
+//! suite's simulation test) and prints what it found.
+//!
+//! ```text
+//! cargo run --release -p rdzv-sim -- --seeds 10000            # seeds 0..10000
+//! cargo run --release -p rdzv-sim -- --seed 1234 --verbose    # replay one seed, with logs
+//! ```
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+
+/// Deterministic simulation of rdzv's rendezvous.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Number of seeds to run.
+    #[arg(long, default_value_t = 200)]
+    seeds: u64,
+    /// First seed.
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    /// Run this one seed only.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Log the protocol (RUST_LOG syntax, default debug) while running.
+    #[arg(long)]
+    verbose: bool,
+    /// Stop at the first failing seed.
+    #[arg(long)]
+    fail_fast: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.verbose {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "debug".into()),
+            )
+            .init();
+    }
+    let seeds: Vec<u64> = match args.seed {
+        Some(s) => vec![s],
+        None => (args.from..args.from + args.seeds).collect(),
+    };
+    let started = Instant::now();
+    let (mut rounds, mut faults, mut checks, mut failed) = (0, 0, 0, Vec::new());
+    for seed in seeds.iter().copied() {
+        let report = rdzv_sim::run_seed(seed);
+        rounds += report.rounds;
+        faults += report.fault_count();
+        checks += report.checks;
+        if !report.passed() || args.seed.is_some() {
+            println!(
+                "seed {seed}: {} — {} round(s), {} fault(s) {:?}, {} check(s), trace {:016x}",
+                report.config,
+                report.rounds,
+                report.fault_count(),
+                report.faults,
+                report.checks,
+                report.trace
+            );
+            for v in &report.violations {
+                println!("  VIOLATION {v}");
+            }
+        }
+        if !report.passed() {
+            failed.push(seed);
+            if args.fail_fast {
+                break;
+            }
+        }
+    }
+    println!(
+        "{} seed(s), {rounds} round(s), {faults} fault(s), {checks} check(s) in {:.1} s; failed: {failed:?}",
+        seeds.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
