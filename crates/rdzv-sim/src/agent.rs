@@ -132,6 +132,12 @@ async fn serve(
             Err(e) if e.is_closed() => return AgentEnd::Closed,
             Err(e) => return AgentEnd::Failed(e.to_string()),
         };
+        tracing::info!(
+            round = info.round,
+            rank = info.rank,
+            world = info.world_size,
+            "agent: acting"
+        );
         shared.check(|c| c.on_view(name, info.round, info.rank, info.world_size));
         // Act on the rank until the membership changes.
         let stop = loop {
@@ -157,6 +163,7 @@ async fn serve(
                 },
             }
         };
+        tracing::info!(round = info.round, ?stop, "agent: stopped acting");
         shared.check(|c| c.on_stop(name));
         if let Some(end) = stop {
             return end;

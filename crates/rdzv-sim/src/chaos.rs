@@ -10,6 +10,7 @@ use rdzv::etcd::RendezvousSettings;
 use rdzv::RendezvousParameters;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::agent::{run_agent, AgentControl, AgentEnd, Shared};
 use crate::check::Checker;
@@ -68,7 +69,7 @@ impl SimConfig {
                 rng.duration(Duration::from_millis(200), Duration::from_millis(2500))
             },
             request_timeout: rng.duration(Duration::from_secs(1), Duration::from_secs(5)),
-            max_txn_ops: if rng.chance(0.25) { 4 } else { 128 },
+            max_txn_ops: if rng.chance(0.25) { 8 } else { 128 },
             chaos: rng.duration(Duration::from_secs(20), Duration::from_secs(60)),
             fault_interval: rng.duration(Duration::from_millis(500), Duration::from_secs(4)),
             burst: FaultRates {
@@ -129,14 +130,17 @@ impl Nodes {
         let name = format!("n{slot}.{incarnation}");
         let link = Arc::new(NodeLink::default());
         let control = Arc::new(AgentControl::default());
-        let task = tokio::spawn(run_agent(
-            self.shared.clone(),
-            name.clone(),
-            slot,
-            link.clone(),
-            self.rng.seed(),
-            control.clone(),
-        ));
+        let task = tokio::spawn(
+            run_agent(
+                self.shared.clone(),
+                name.clone(),
+                slot,
+                link.clone(),
+                self.rng.seed(),
+                control.clone(),
+            )
+            .instrument(tracing::info_span!("node", name = %name)),
+        );
         self.slots[slot] = Some(Node {
             name,
             link,
@@ -187,17 +191,51 @@ impl Nodes {
     }
 }
 
-/// Runs the simulation for `seed` and checks it.
+/// The wall-clock time a run may take before it is reported as a livelock (a task that never
+/// waits stops the simulated clock).
+pub const LIVELOCK_AFTER: Duration = Duration::from_secs(60);
+
+/// Runs the simulation for `seed` and checks it. A run whose simulated clock stops (some task
+/// spins without waiting) is reported as a violation after [`LIVELOCK_AFTER`] of real time;
+/// its thread is then left spinning (exit the process soon).
 pub fn run_seed(seed: u64) -> SimReport {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("a current-thread runtime");
-    runtime.block_on(simulate(seed))
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sim_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let progress = sim_ms.clone();
+    std::thread::Builder::new()
+        .name(format!("sim-{seed}"))
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .expect("a current-thread runtime");
+            let _ = tx.send(runtime.block_on(simulate(seed, progress)));
+        })
+        .expect("a simulation thread");
+    match rx.recv_timeout(LIVELOCK_AFTER) {
+        Ok(report) => report,
+        Err(_) => {
+            let at = sim_ms.load(std::sync::atomic::Ordering::Relaxed);
+            SimReport {
+                seed,
+                config: SimConfig::draw(&SimRng::new(seed)).describe(),
+                rounds: 0,
+                views: 0,
+                faults: BTreeMap::new(),
+                checks: 0,
+                violations: vec![format!(
+                    "livelock: the simulated clock stopped near {at} ms (a task spins without \
+                     waiting); still running after {LIVELOCK_AFTER:?} of real time"
+                )],
+                trace: 0,
+                sim_ms: at,
+            }
+        }
+    }
 }
 
-async fn simulate(seed: u64) -> SimReport {
+async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> SimReport {
     let rng = SimRng::new(seed);
     let cfg = SimConfig::draw(&rng);
     let limits = Limits {
@@ -234,12 +272,12 @@ async fn simulate(seed: u64) -> SimReport {
     {
         let checker = checker.clone();
         let clock = etcd.clone();
-        etcd.set_observer(Box::new(move |model, events| {
+        etcd.set_observer(Box::new(move |model, events, cause| {
             let now = clock_now(&clock);
             checker
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .observe(model, events, now);
+                .observe(model, events, cause, now);
         }));
     }
     let shared = Shared {
@@ -267,6 +305,7 @@ async fn simulate(seed: u64) -> SimReport {
     let mut burst_until = Instant::now();
     let mut closed_by_us = false;
     while Instant::now() < chaos_end {
+        progress.store(clock_now(&etcd), std::sync::atomic::Ordering::Relaxed);
         let pause = rng.duration(Duration::ZERO, cfg.fault_interval * 2);
         tokio::time::sleep(pause).await;
         if Instant::now() >= burst_until {
@@ -279,6 +318,7 @@ async fn simulate(seed: u64) -> SimReport {
         match rng.below(100) {
             0..=14 => {
                 if let Some(slot) = nodes.pick_live() {
+                    tracing::info!(slot, "fault: crash");
                     nodes.crash(slot);
                     count("crash");
                 }
@@ -286,6 +326,7 @@ async fn simulate(seed: u64) -> SimReport {
             15..=29 => {
                 if let Some(slot) = nodes.pick_live() {
                     let d = span(Duration::from_millis(200), ttl * 2);
+                    tracing::info!(slot, ?d, "fault: stall");
                     if let Some(n) = nodes.slots[slot].as_ref() {
                         n.link.stall_until(Instant::now() + d);
                     }
@@ -295,6 +336,7 @@ async fn simulate(seed: u64) -> SimReport {
             30..=39 => {
                 if let Some(slot) = nodes.pick_live() {
                     let d = span(Duration::from_millis(500), ttl * 3);
+                    tracing::info!(slot, ?d, "fault: partition");
                     if let Some(n) = nodes.slots[slot].as_ref() {
                         n.link.partition_until(Instant::now() + d);
                     }

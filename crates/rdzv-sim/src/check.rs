@@ -10,8 +10,8 @@
 //! - no join record is created in a round that was already finalised (a ghost round);
 //! - a node that holds a rank in round `r` and is still in it (its record there alive) does
 //!   not join a later round without having learnt its rank in `r` (abandoning its round);
-//! - a node's record of the round it acts in is not deleted while it still acts (a node acts
-//!   on a lost membership).
+//! - a node's lease does not expire while it still acts on the round its record was in (a
+//!   node acts on a lost membership: its fence must stop it first).
 //!
 //! From the nodes: each node's rounds strictly increase (one round at a time), and the rank
 //! and world size a node was told are those of the round's table.
@@ -23,6 +23,7 @@ use rdzv::etcd::keys::RunKeys;
 use rdzv::etcd::records::{decode, Assignment, FinalRecord};
 
 use crate::model::Model;
+use crate::server::Cause;
 
 /// What the checker knows of a finalised round.
 #[derive(Debug, Clone)]
@@ -141,8 +142,9 @@ impl Checker {
         self.trace = fnv(self.trace, what.as_bytes());
     }
 
-    /// Observes one change of etcd (all `events` are of one revision), at `now_ms`.
-    pub fn observe(&mut self, model: &Model, events: &[Event], now_ms: u64) {
+    /// Observes one change of etcd (all `events` are of one revision, caused by `cause`), at
+    /// `now_ms`.
+    pub fn observe(&mut self, model: &Model, events: &[Event], cause: Cause, now_ms: u64) {
         self.now_ms = now_ms;
         for e in events {
             self.trace = fnv(self.trace, &e.kv.key);
@@ -163,7 +165,9 @@ impl Checker {
                 match (section, name.as_str(), put) {
                     ("ctl", "final", true) => self.on_final(model, round, e),
                     ("member", node, true) if e.kv.version == 1 => self.on_join(model, round, node),
-                    ("member", node, false) => self.on_member_gone(round, node),
+                    ("member", node, false) if matches!(cause, Cause::LeaseExpired(_)) => {
+                        self.on_lease_expired(round, node)
+                    }
                     _ => {}
                 }
             }
@@ -261,7 +265,9 @@ impl Checker {
         }
     }
 
-    fn on_member_gone(&mut self, round: u64, node: &str) {
+    /// A node's lease expired, taking its record of `round`: it must not act there any more
+    /// (its fence must have stopped it first).
+    fn on_lease_expired(&mut self, round: u64, node: &str) {
         let acting = self
             .nodes
             .get(node)

@@ -32,10 +32,31 @@ struct Args {
     fail_fast: bool,
 }
 
+/// Log timestamps in simulated milliseconds since the run started.
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        thread_local! {
+            static START: std::cell::OnceCell<tokio::time::Instant> = const { std::cell::OnceCell::new() };
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => {
+                let now = tokio::time::Instant::now();
+                let start = START.with(|s| *s.get_or_init(|| now));
+                write!(w, "{:>8}ms", now.duration_since(start).as_millis())
+            }
+            Err(_) => write!(w, "        -"),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.verbose {
         tracing_subscriber::fmt()
+            .with_timer(SimTime)
+            .with_ansi(false)
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
                     .unwrap_or_else(|_| "debug".into()),
@@ -66,6 +87,11 @@ fn main() -> ExitCode {
             for v in &report.violations {
                 println!("  VIOLATION {v}");
             }
+        }
+        if report.violations.iter().any(|v| v.starts_with("livelock")) {
+            println!("seed {seed} livelocked; exiting (its thread still spins)");
+            failed.push(seed);
+            break;
         }
         if !report.passed() {
             failed.push(seed);

@@ -238,16 +238,77 @@ impl Model {
         Path { succeeded, nested }
     }
 
-    /// Checks the operations on `path` as etcd does before applying anything.
-    fn check(&self, txn: &Txn, path: &Path, writes: &mut Vec<Span>) -> Result<(), ApiError> {
-        if txn.compare.len() > self.limits.max_txn_ops
-            || txn.success.len() > self.limits.max_txn_ops
-            || txn.failure.len() > self.limits.max_txn_ops
-        {
+    /// Checks a branch as etcd's `checkIntervals` does (both branches of nested
+    /// transactions, whichever runs): no key put twice, no key both put and deleted. Returns
+    /// the branch's puts and deletes.
+    fn check_intervals(ops: &[TxnOp]) -> Result<(BTreeSet<Vec<u8>>, Vec<Span>), ApiError> {
+        let duplicate = || ApiError::Other("etcdserver: duplicate key given in txn request".into());
+        let mut dels: Vec<Span> = ops
+            .iter()
+            .filter_map(|op| match op {
+                TxnOp::Delete { key, options } => Some(Span::new(key, options.range_end(key))),
+                _ => None,
+            })
+            .collect();
+        let mut puts: BTreeSet<Vec<u8>> = BTreeSet::new();
+        for op in ops {
+            let TxnOp::Txn(t) = op else { continue };
+            let (then_puts, then_dels) = Self::check_intervals(&t.success)?;
+            let (else_puts, else_dels) = Self::check_intervals(&t.failure)?;
+            for k in &then_puts {
+                if puts.contains(k) || dels.iter().any(|d| d.contains(k)) {
+                    return Err(duplicate());
+                }
+                puts.insert(k.clone());
+            }
+            for k in &else_puts {
+                // A key of both branches is fine: only one of them runs.
+                if puts.contains(k) && !then_puts.contains(k) {
+                    return Err(duplicate());
+                }
+                if dels.iter().any(|d| d.contains(k)) {
+                    return Err(duplicate());
+                }
+                puts.insert(k.clone());
+            }
+            dels.extend(then_dels);
+            dels.extend(else_dels);
+        }
+        for op in ops {
+            let TxnOp::Put { key, .. } = op else { continue };
+            if puts.contains(key) || dels.iter().any(|d| d.contains(key)) {
+                return Err(duplicate());
+            }
+            puts.insert(key.clone());
+        }
+        Ok((puts, dels))
+    }
+
+    /// Checks a transaction as etcd does before applying anything: sizes and duplicate keys
+    /// of both branches, then the leases of the puts on the path that runs.
+    fn check(&self, txn: &Txn, path: &Path) -> Result<(), ApiError> {
+        self.check_sizes(txn)?;
+        Self::check_intervals(&txn.success)?;
+        Self::check_intervals(&txn.failure)?;
+        self.check_leases(txn, path)
+    }
+
+    fn check_sizes(&self, txn: &Txn) -> Result<(), ApiError> {
+        let max = self.limits.max_txn_ops;
+        if txn.compare.len() > max || txn.success.len() > max || txn.failure.len() > max {
             return Err(ApiError::Other(
                 "etcdserver: too many operations in txn request".into(),
             ));
         }
+        for op in txn.success.iter().chain(&txn.failure) {
+            if let TxnOp::Txn(t) = op {
+                self.check_sizes(t)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_leases(&self, txn: &Txn, path: &Path) -> Result<(), ApiError> {
         let ops = if path.succeeded {
             &txn.success
         } else {
@@ -256,34 +317,16 @@ impl Model {
         let mut nested = path.nested.iter();
         for op in ops {
             match op {
-                TxnOp::Put { key, options, .. } => {
-                    if writes.iter().any(|w| w.contains(key)) {
-                        return Err(ApiError::Other(
-                            "etcdserver: duplicate key given in txn request".into(),
-                        ));
-                    }
-                    if options.lease() != 0 && !self.leases.contains_key(&options.lease()) {
-                        return Err(ApiError::LeaseNotFound);
-                    }
-                    writes.push(Span::new(key, None));
-                }
-                TxnOp::Delete { key, options } => {
-                    let span = Span::new(key, options.range_end(key));
-                    if writes
-                        .iter()
-                        .any(|w| w.end.is_none() && span.contains(&w.key))
-                    {
-                        return Err(ApiError::Other(
-                            "etcdserver: duplicate key given in txn request".into(),
-                        ));
-                    }
-                    writes.push(span);
+                TxnOp::Put { options, .. }
+                    if options.lease() != 0 && !self.leases.contains_key(&options.lease()) =>
+                {
+                    return Err(ApiError::LeaseNotFound);
                 }
                 TxnOp::Txn(t) => {
                     let p = nested.next().expect("a path per nested transaction");
-                    self.check(t, p, writes)?;
+                    self.check_leases(t, p)?;
                 }
-                TxnOp::Get { .. } => {}
+                _ => {}
             }
         }
         Ok(())
@@ -297,7 +340,7 @@ impl Model {
     /// many operations or a key written twice; nothing is applied then.
     pub fn txn(&mut self, txn: &Txn) -> Result<(TxnResponse, Vec<Event>), ApiError> {
         let path = self.path(txn);
-        self.check(txn, &path, &mut Vec::new())?;
+        self.check(txn, &path)?;
         let mut events = Vec::new();
         let next = self.revision + 1;
         let mut resp = self.apply(txn, &path, next, &mut events);
@@ -634,6 +677,25 @@ mod tests {
         assert!(matches!(m.txn(&dup), Err(ApiError::Other(m)) if m.contains("duplicate")));
         let many = Txn::new().and_then((0..3).map(|i| TxnOp::put(format!("k{i}"), "v", None)));
         assert!(matches!(m.txn(&many), Err(ApiError::Other(m)) if m.contains("too many")));
+    }
+
+    #[test]
+    fn a_key_in_both_branches_of_a_nested_txn_is_fine_across_nested_txns_not() {
+        let mut m = Model::default();
+        let both = Txn::new()
+            .when([Compare::version("k", CompareOp::Equal, 0)])
+            .and_then([TxnOp::put("k", "1", None)])
+            .or_else([TxnOp::put("k", "2", None)]);
+        assert!(m
+            .txn(&Txn::new().and_then([TxnOp::txn(both.clone())]))
+            .is_ok());
+        let twice = Txn::new().and_then([TxnOp::txn(both.clone()), TxnOp::txn(both)]);
+        assert!(matches!(m.txn(&twice), Err(ApiError::Other(m)) if m.contains("duplicate")));
+        let put_and_delete = Txn::new().and_then([
+            TxnOp::put("/a/x", "1", None),
+            TxnOp::delete("/a/", Some(DeleteOptions::new().with_prefix())),
+        ]);
+        assert!(m.txn(&put_and_delete).is_err());
     }
 
     #[test]

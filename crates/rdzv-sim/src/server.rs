@@ -114,9 +114,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// What caused a change of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A node's request.
+    Request,
+    /// A lease expired (its keys were deleted).
+    LeaseExpired(i64),
+}
+
 /// Called under the model's lock after every change, with the events of that change (one
-/// revision), before any watcher sees them.
-pub type Observer = Box<dyn FnMut(&Model, &[Event]) + Send>;
+/// revision) and its cause, before any watcher sees them.
+pub type Observer = Box<dyn FnMut(&Model, &[Event], Cause) + Send>;
 
 struct Watcher {
     start: Vec<u8>,
@@ -249,13 +258,13 @@ impl Shared {
         let mut st = lock(&self.state);
         let (value, events) = f(&mut st.model, now)?;
         if !events.is_empty() {
-            publish(&mut st, &events);
+            publish(&mut st, &events, Cause::Request);
         }
         Ok(value)
     }
 }
 
-fn publish(st: &mut State, events: &[Event]) {
+fn publish(st: &mut State, events: &[Event], cause: Cause) {
     let State {
         model,
         observer,
@@ -263,7 +272,7 @@ fn publish(st: &mut State, events: &[Event]) {
         ..
     } = st;
     if let Some(observe) = observer.as_mut() {
-        observe(model, events);
+        observe(model, events, cause);
     }
     let revision = model.revision();
     watchers.retain(|_, w| {
@@ -302,9 +311,9 @@ async fn expire_leases(shared: std::sync::Weak<Shared>) {
                 let now = s.now_ms();
                 let mut st = lock(&s.state);
                 let expired = st.model.expire(now);
-                for (_, events) in expired {
+                for (lease, events) in expired {
                     if !events.is_empty() {
-                        publish(&mut st, &events);
+                        publish(&mut st, &events, Cause::LeaseExpired(lease));
                     }
                 }
             }
@@ -510,6 +519,7 @@ impl EtcdApi for SimApi {
                     }
                 }
             }
+            tracing::trace!(start = %String::from_utf8_lossy(&key), from = start, revision, live, "sim: watch created");
             if live {
                 // Registered under the same lock as the history read: nothing falls between.
                 let id = st.next_watcher;
@@ -531,6 +541,7 @@ impl EtcdApi for SimApi {
             Box::new(SimWatch {
                 api: self.clone(),
                 rx,
+                pending: None,
                 broken: false,
             }),
             revision,
@@ -547,6 +558,9 @@ impl EtcdApi for SimApi {
 struct SimWatch {
     api: SimApi,
     rx: mpsc::UnboundedReceiver<WatchResponse>,
+    /// The next message and when it is delivered (kept across cancelled calls: a watch
+    /// stream's `message()` is cancel safe).
+    pending: Option<(WatchResponse, Instant)>,
     broken: bool,
 }
 
@@ -563,29 +577,30 @@ impl WatchStream for SimWatch {
         if self.broken {
             return Err(ApiError::Unavailable("watch stream broken".into()));
         }
-        let Some(msg) = self.rx.recv().await else {
-            return Ok(None);
-        };
+        if self.pending.is_none() {
+            let Some(msg) = self.rx.recv().await else {
+                return Ok(None);
+            };
+            let now = Instant::now();
+            let link = self.api.link.get();
+            let rates = self.api.shared().rates();
+            if link.partitioned_until.is_some_and(|t| t > now)
+                || self.api.shared().rng.chance(rates.watch_break)
+            {
+                self.broken = true;
+                return Err(ApiError::Unavailable(
+                    "watch stream broken (injected)".into(),
+                ));
+            }
+            let (lo, hi) = rates.latency_ms;
+            let latency = Duration::from_millis(self.api.shared().rng.range_u64(lo, hi.max(lo)));
+            let stalled = link.stalled_until.filter(|t| *t > now).unwrap_or(now);
+            self.pending = Some((msg, stalled + latency));
+        }
+        if let Some((_, at)) = &self.pending {
+            tokio::time::sleep_until(*at).await;
+        }
         self.api.hang_if_crashed().await;
-        let link = self.api.link.get();
-        let now = Instant::now();
-        if link.partitioned_until.is_some_and(|t| t > now) {
-            self.broken = true;
-            return Err(ApiError::Unavailable(
-                "watch stream broken (partitioned)".into(),
-            ));
-        }
-        if let Some(until) = link.stalled_until.filter(|t| *t > now) {
-            tokio::time::sleep_until(until).await;
-        }
-        let rates = self.api.shared().rates();
-        if self.api.shared().rng.chance(rates.watch_break) {
-            self.broken = true;
-            return Err(ApiError::Unavailable(
-                "watch stream broken (injected)".into(),
-            ));
-        }
-        self.api.latency().await;
-        Ok(Some(msg))
+        Ok(self.pending.take().map(|(msg, _)| msg))
     }
 }

@@ -47,12 +47,20 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         status.waiting.len()
     );
     if let Some(lc) = &status.last_call {
-        let left = lc.deadline_ms.saturating_sub(rdzv::etcd::records::now_ms());
-        println!("last call:  completes in {:.1}s", left as f64 / 1000.0);
+        println!(
+            "last call:  armed by {} (completes {:.1}s after it was armed)",
+            lc.writer,
+            lc.duration_ms as f64 / 1000.0
+        );
     }
     for n in &status.waiting {
+        let what = if status.spares.contains(&n.node_id) {
+            "spare  "
+        } else {
+            "waiting"
+        };
         println!(
-            "  waiting   {}  {}  {}",
+            "  {what}   {}  {}  {}",
             n.node_id,
             n.hostname,
             n.addrs.join(",")
@@ -65,7 +73,13 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 println!(
                     "  rank {:>4}  {:<5}  {}  {}  {}",
                     m.rank,
-                    if m.alive { "alive" } else { "gone" },
+                    if m.node.detached {
+                        "done"
+                    } else if m.alive {
+                        "alive"
+                    } else {
+                        "gone"
+                    },
                     m.node.node_id,
                     m.node.hostname,
                     m.node.addrs.join(",")

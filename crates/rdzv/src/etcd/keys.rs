@@ -8,11 +8,17 @@
 //! <prefix>/<run_id>/r/<round>/ctl/claim        finaliser's claim (large rounds only)
 //! <prefix>/<run_id>/r/<round>/ctl/final        the completed round's summary
 //! <prefix>/<run_id>/r/<round>/ctl/closed       copy of `closed` for the round's watchers
-//! <prefix>/<run_id>/r/<round>/ctl/waiting      written by the round's first joiner
+//! <prefix>/<run_id>/r/<round>/ctl/waiting      some node wants this round to start: members
+//!                                              of the previous round re-rendezvous
+//! <prefix>/<run_id>/r/<round>/ctl/gate         the round may start (a previous member joined,
+//!                                              or the previous round dissolved)
+//! <prefix>/<run_id>/r/<round>/ctl/keeper       the newcomer watching the previous round
+//! <prefix>/<run_id>/r/<round>/ctl/done         the previous round's job finished
 //! <prefix>/<run_id>/r/<round>/member/<node>    a node's join record (bound to its lease)
 //! <prefix>/<run_id>/r/<round>/seq              its version counts the round's joins
 //! <prefix>/<run_id>/assign/<round>/<node>      a member's rank
 //! <prefix>/<run_id>/kv/<round>/<key>           the round's store
+//! <prefix>/<run_id>/op/<round>/<id>            outcomes of the store's counter updates
 //! ```
 //!
 //! Round numbers are zero-padded so that keys sort by round: a member of round `r` watches the
@@ -94,6 +100,27 @@ impl RunKeys {
     /// The marker of a round's first joiner (members of the previous round watch it).
     pub fn waiting(&self, round: u64) -> String {
         format!("{}waiting", self.ctl_prefix(round))
+    }
+
+    /// The gate of a round: present once the round may start.
+    pub fn gate(&self, round: u64) -> String {
+        format!("{}gate", self.ctl_prefix(round))
+    }
+
+    /// The newcomer that watches the previous round's dissolution.
+    pub fn keeper(&self, round: u64) -> String {
+        format!("{}keeper", self.ctl_prefix(round))
+    }
+
+    /// Written in round `round` when the job of round `round - 1` finished (its members stop
+    /// watching each other).
+    pub fn done(&self, round: u64) -> String {
+        format!("{}done", self.ctl_prefix(round))
+    }
+
+    /// `op/<round>/`: outcomes of the round store's counter updates.
+    pub fn op_prefix(&self, round: u64) -> String {
+        format!("{}/op/{round:012}/", self.base)
     }
 
     /// The closed marker in a round's control keys.

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::client::EtcdClient;
 use crate::RendezvousError;
@@ -48,7 +49,9 @@ impl KeptLease {
     fn keep_from(client: &EtcdClient, id: i64, ttl_secs: i64, valid_from: Instant) -> Self {
         let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
         let (tx, lost) = watch::channel(false);
-        let task = tokio::spawn(keep_alive_loop(client.clone(), id, ttl, valid_from, tx));
+        let task = tokio::spawn(
+            keep_alive_loop(client.clone(), id, ttl, valid_from, tx).in_current_span(),
+        );
         Self {
             id,
             ttl,

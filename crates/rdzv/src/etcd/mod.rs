@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod client;
+mod finalize;
 pub mod keys;
 pub mod lease;
 mod monitor;
@@ -16,6 +17,7 @@ pub mod options;
 pub mod ranks;
 pub mod records;
 pub mod rendezvous;
+mod round;
 pub mod server;
 pub mod status;
 pub mod store;

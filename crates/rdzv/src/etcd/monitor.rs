@@ -1,20 +1,25 @@
-//! The membership monitor: after a round completes, one watch per member reports lost peers,
-//! nodes waiting for the next round, and closing, as [`MembershipEvent`]s.
+//! The membership monitor: after a round completes, one watch per member reports the first
+//! change of the round as a [`MembershipEvent`] — a peer lost or left, nodes waiting for the
+//! next round, a newer round completed without this node, the run closed, this node's own
+//! lease lost — and then stops: the node must re-rendezvous, and nothing later in this round
+//! matters to it. Stopping also keeps the end of a job cheap: the members leaving one by one
+//! cost the others no events (and the `done` marker of a finished job stops them first).
 //!
 //! The watch covers the round's join records and the next round's control keys, not the next
-//! round's joins: the first joiner of the next round writes a marker, and the monitor then
-//! counts the waiting nodes once. A member thus receives a constant number of events per
-//! change, however many nodes join.
+//! round's joins: a node that wants the next round to start writes a `waiting` marker once,
+//! and the monitor then counts the waiting nodes once. A member thus receives a constant
+//! number of events per change, however many nodes join. Nodes beyond a full round (hot
+//! spares) write no marker and do not disturb the members.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::api::{EventType, GetOptions, KeyValue};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
+use super::api::{EventType, GetOptions, KeyValue};
 use super::client::EtcdClient;
 use super::keys::RunKeys;
 use super::records::{decode, Assignment, NodeRecord};
@@ -35,32 +40,71 @@ pub(crate) struct MonitorArgs {
     pub lease_lost: watch::Receiver<bool>,
 }
 
-/// Starts the monitor; abort the handle to stop it.
+/// Starts the monitor; abort the handle to stop it earlier.
 pub(crate) fn spawn_monitor(args: MonitorArgs) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
-        let mut state = MonitorState::default();
-        let mut args = args;
-        loop {
-            match run(&mut args, &mut state).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(round = args.round, error = %e, "membership watch failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+    let mut lost = args.lease_lost.clone();
+    tokio::spawn(
+        async move {
+            let round = args.round;
+            let events = args.events.clone();
+            // This node's own lease is watched apart from etcd: a node cut off from etcd (whose
+            // watch cannot even be re-opened) must still learn that its fence fired.
+            tokio::select! {
+                biased;
+                () = lease_lost(&mut lost) => {
+                    tracing::debug!(round, "membership event: this node's lease was lost");
+                    let _ = events.send(MembershipEvent::MembershipLost { round });
                 }
+                () = watch_membership(args) => {}
             }
         }
-    })
+        .in_current_span(),
+    )
+}
+
+/// Returns once the lease is lost (never, if its keeper is gone without losing it).
+async fn lease_lost(lost: &mut watch::Receiver<bool>) {
+    loop {
+        if *lost.borrow_and_update() {
+            return;
+        }
+        if lost.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Watches the round until the first change, re-opening the watch after errors.
+async fn watch_membership(mut args: MonitorArgs) {
+    let mut backoff = Duration::from_millis(100);
+    let mut state = MonitorState::default();
+    loop {
+        match run(&mut args, &mut state).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(round = args.round, error = %e, "membership watch failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct MonitorState {
-    lost: BTreeSet<String>,
-    /// Members whose record was marked `left` before its deletion.
-    leaving: BTreeSet<String>,
+    /// Members whose record was marked `left` (or `detached`) before it changed.
+    leaving: std::collections::BTreeSet<String>,
+    detached: std::collections::BTreeSet<String>,
     waiting_seen: bool,
     next_revision: i64,
+}
+
+/// What one key change means to the monitor.
+enum Verdict {
+    /// Nothing to report.
+    Continue,
+    /// Reported (or the job is done): stop watching.
+    Stop,
 }
 
 impl MonitorArgs {
@@ -80,7 +124,7 @@ impl MonitorArgs {
         })
     }
 
-    /// Someone joined the next round: count how many wait (once) and tell.
+    /// Someone wants the next round: count how many wait (once) and tell.
     async fn nodes_waiting(&self, state: &mut MonitorState) -> Result<(), RendezvousError> {
         if state.waiting_seen {
             return Ok(());
@@ -106,20 +150,20 @@ impl MonitorArgs {
         &self,
         state: &mut MonitorState,
         node_id: &str,
-    ) -> Result<(), RendezvousError> {
-        if node_id != self.node_id
-            && !state.lost.contains(node_id)
-            && self.is_member(node_id).await?
+    ) -> Result<Verdict, RendezvousError> {
+        if node_id == self.node_id
+            || state.detached.contains(node_id)
+            || !self.is_member(node_id).await?
         {
-            state.lost.insert(node_id.to_string());
-            let (round, node_id) = (self.round, node_id.to_string());
-            self.emit(if state.leaving.contains(&node_id) {
-                MembershipEvent::PeerLeft { round, node_id }
-            } else {
-                MembershipEvent::PeerLost { round, node_id }
-            });
+            return Ok(Verdict::Continue);
         }
-        Ok(())
+        let (round, node_id) = (self.round, node_id.to_string());
+        self.emit(if state.leaving.contains(&node_id) {
+            MembershipEvent::PeerLeft { round, node_id }
+        } else {
+            MembershipEvent::PeerLost { round, node_id }
+        });
+        Ok(Verdict::Stop)
     }
 
     /// Acts on one key of the watched range, present (`deleted == false`) or gone.
@@ -129,28 +173,40 @@ impl MonitorArgs {
         key: &str,
         value: &[u8],
         deleted: bool,
-    ) -> Result<(), RendezvousError> {
+    ) -> Result<Verdict, RendezvousError> {
         let Some((r, section, name)) = self.keys.parse_round_key(key) else {
-            return Ok(());
+            return Ok(Verdict::Continue);
         };
         let round = self.round;
         match (r == round, section, name, deleted) {
-            (true, "member", node, true) => self.peer_gone(state, node).await?,
-            (true, "member", node, false)
-                if decode::<NodeRecord>(key.as_bytes(), value).is_ok_and(|r| r.left) =>
-            {
-                state.leaving.insert(node.to_string());
+            (true, "member", node, true) => return self.peer_gone(state, node).await,
+            (true, "member", node, false) => {
+                let rec = decode::<NodeRecord>(key.as_bytes(), value)?;
+                if rec.left {
+                    state.leaving.insert(node.to_string());
+                }
+                if rec.detached {
+                    state.detached.insert(node.to_string());
+                }
             }
             (false, "ctl", "waiting", false) => self.nodes_waiting(state).await?,
-            (false, "ctl", "closed", false) => self.emit(MembershipEvent::Closed),
-            (false, "ctl", "final", false) => self.emit(MembershipEvent::RoundSuperseded { round }),
+            (false, "ctl", "closed", false) => {
+                self.emit(MembershipEvent::Closed);
+                return Ok(Verdict::Stop);
+            }
+            (false, "ctl", "final", false) => {
+                self.emit(MembershipEvent::RoundSuperseded { round });
+                return Ok(Verdict::Stop);
+            }
+            // The job of this round finished (its members detach): nothing more to report.
+            (false, "ctl", "done", false) => return Ok(Verdict::Stop),
             _ => {}
         }
-        Ok(())
+        Ok(Verdict::Continue)
     }
 }
 
-/// Watches until aborted; returns `Err` to be restarted.
+/// Watches until the first change; returns `Err` to be restarted.
 async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<(), RendezvousError> {
     let (start, end) = args.keys.membership_range(args.round);
     let from = if state.next_revision > 0 {
@@ -159,33 +215,27 @@ async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<(), Ren
         args.from_revision
     };
     let mut watch = RangeWatch::open(&args.client, start, end, from).await?;
-    let round = args.round;
     loop {
-        tokio::select! {
-            biased;
-            item = watch.next() => match item? {
-                WatchItem::Events(events) => {
-                    for ev in events {
-                        let Some(kv) = ev.kv() else { continue };
-                        state.next_revision = kv.mod_revision() + 1;
-                        let key = String::from_utf8_lossy(kv.key()).into_owned();
-                        args.on_key(state, &key, kv.value(), ev.event_type() == EventType::Delete).await?;
-                    }
-                }
-                WatchItem::Resync { kvs, revision } => {
-                    state.next_revision = revision + 1;
-                    resync(args, state, &kvs).await?;
-                }
-            },
-            changed = args.lease_lost.changed() => {
-                match changed {
-                    Ok(()) if *args.lease_lost.borrow() => {
-                        args.emit(MembershipEvent::MembershipLost { round });
-                        // Nothing more to report for this round from this node.
+        match watch.next().await? {
+            WatchItem::Events(events) => {
+                for ev in events {
+                    let kv = &ev.kv;
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let deleted = ev.event_type() == EventType::Delete;
+                    // An event counts as seen only once acted on: after an error, the watch
+                    // resumes at it.
+                    let verdict = args.on_key(state, &key, kv.value(), deleted).await?;
+                    state.next_revision = kv.mod_revision() + 1;
+                    if let Verdict::Stop = verdict {
                         return Ok(());
                     }
-                    Ok(()) => {}
-                    Err(_) => return Ok(()),
+                }
+            }
+            WatchItem::Resync { kvs, revision } => {
+                let verdict = resync(args, state, &kvs).await?;
+                state.next_revision = revision + 1;
+                if let Verdict::Stop = verdict {
+                    return Ok(());
                 }
             }
         }
@@ -197,16 +247,18 @@ async fn resync(
     args: &MonitorArgs,
     state: &mut MonitorState,
     kvs: &[KeyValue],
-) -> Result<(), RendezvousError> {
+) -> Result<Verdict, RendezvousError> {
     let round = args.round;
-    let mut present = BTreeSet::new();
+    let mut present = std::collections::BTreeSet::new();
     for kv in kvs {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        match args.keys.parse_round_key(&key) {
-            Some((r, "member", node)) if r == round => {
+        if let Some((r, "member", node)) = args.keys.parse_round_key(&key) {
+            if r == round {
                 present.insert(node.to_string());
             }
-            _ => args.on_key(state, &key, kv.value(), false).await?,
+        }
+        if let Verdict::Stop = args.on_key(state, &key, kv.value(), false).await? {
+            return Ok(Verdict::Stop);
         }
     }
     let assigns = args
@@ -216,12 +268,14 @@ async fn resync(
             Some(GetOptions::new().with_prefix().with_keys_only()),
         )
         .await?;
+    let prefix = args.keys.assign_prefix(round);
     for kv in assigns.kvs() {
-        let key = String::from_utf8_lossy(kv.key()).into_owned();
-        let node = key.rsplit('/').next().unwrap_or_default();
-        if !present.contains(node) {
-            args.peer_gone(state, node).await?;
+        let node = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+        if !present.contains(&node) {
+            if let Verdict::Stop = args.peer_gone(state, &node).await? {
+                return Ok(Verdict::Stop);
+            }
         }
     }
-    Ok(())
+    Ok(Verdict::Continue)
 }

@@ -71,6 +71,10 @@ impl std::fmt::Debug for ConnectionOptions {
     }
 }
 
+/// The smallest `max_txn_ops`: the transaction that completes a round has up to seven
+/// operations besides the rank table.
+pub const MIN_TXN_OPS: usize = 8;
+
 /// The rendezvous protocol's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RendezvousSettings {
@@ -356,7 +360,9 @@ impl RendezvousSettings {
                 r => r.map(|r| r as u64),
             },
             max_txn_ops: match params.get_int("max_txn_ops")?.unwrap_or(128) {
-                n if n < 4 => return Err(bad("max_txn_ops", "must be at least 4")),
+                n if n < MIN_TXN_OPS as i64 => {
+                    return Err(bad("max_txn_ops", "must be at least 8"))
+                }
                 n => n as usize,
             },
             min_nodes: params.min_nodes,

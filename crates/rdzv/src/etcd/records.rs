@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::RendezvousError;
 
 /// The schema version of every record.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// What a node publishes when it joins a round.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +51,10 @@ pub struct FinalRecord {
     pub members_revision: i64,
     /// The node that finalised.
     pub finalizer: String,
+    /// The run's `min_nodes` (as the finaliser had it).
+    pub min_nodes: usize,
+    /// The run's `max_nodes` (as the finaliser had it).
+    pub max_nodes: usize,
 }
 
 /// A member's rank.
@@ -66,13 +70,15 @@ pub struct Assignment {
     pub token: String,
 }
 
-/// The last-call marker: the round completes at `deadline_ms` with whoever joined.
+/// The last-call marker: the round completes `duration_ms` after it was written, with whoever
+/// joined. Its writer times it on its own monotonic clock; the others, as backups, from when
+/// they saw it (no wall clocks are compared).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastCall {
     /// Schema version.
     pub v: u32,
-    /// Completion time, milliseconds since the Unix epoch.
-    pub deadline_ms: u64,
+    /// How long after it was written the round completes.
+    pub duration_ms: u64,
     /// The node that will finalise the round (others take over if it does not).
     pub writer: String,
 }
@@ -156,13 +162,13 @@ mod tests {
     #[test]
     fn unknown_schema_version_is_a_state_error() {
         let err =
-            decode::<LastCall>(b"k", br#"{"v":99,"deadline_ms":1,"writer":"x"}"#).unwrap_err();
+            decode::<LastCall>(b"k", br#"{"v":99,"duration_ms":1,"writer":"x"}"#).unwrap_err();
         assert!(matches!(&err, RendezvousError::State(m) if m.contains("version 99")));
     }
 
     #[test]
     fn missing_fields_are_a_state_error() {
-        let err = decode::<Assignment>(b"k", br#"{"v":1,"rank":1}"#).unwrap_err();
+        let err = decode::<Assignment>(b"k", br#"{"v":2,"rank":1}"#).unwrap_err();
         assert!(matches!(&err, RendezvousError::State(m) if m.contains("malformed")));
     }
 

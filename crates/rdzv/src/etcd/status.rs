@@ -33,6 +33,12 @@ pub struct RunStatus {
     pub open_round: u64,
     /// Nodes that joined the open round.
     pub waiting: Vec<NodeRecord>,
+    /// Those of them that are hot spares: newcomers beyond a full last round, waiting for a
+    /// member to leave or be lost (node ids).
+    pub spares: Vec<String>,
+    /// Whether the open round may start (a member of the last round re-joined, or the last
+    /// round dissolved).
+    pub gate_open: bool,
     /// The open round's last call, if armed.
     pub last_call: Option<LastCall>,
     /// The last completed round.
@@ -79,6 +85,7 @@ pub async fn read_status(
         .await?;
     let mut waiting = Vec::new();
     let mut last_call = None;
+    let mut gate_open = open_round == 1;
     for kv in open.kvs() {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         match keys.parse_round_key(&key) {
@@ -86,6 +93,7 @@ pub async fn read_status(
             Some((_, "ctl", "lastcall")) => {
                 last_call = Some(decode::<LastCall>(kv.key(), kv.value())?)
             }
+            Some((_, "ctl", "gate")) => gate_open = true,
             _ => {}
         }
     }
@@ -138,12 +146,26 @@ pub async fn read_status(
         }
         members.sort_by_key(|m| m.rank);
     }
+    let full = last_round
+        .as_ref()
+        .is_some_and(|r| r.world_size >= r.max_nodes);
+    let spares = if full && !gate_open {
+        waiting
+            .iter()
+            .filter(|n| n.prev_rank.is_none())
+            .map(|n| n.node_id.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(RunStatus {
         run_id: run_id.to_string(),
         closed: closed_by.is_some(),
         closed_by,
         open_round,
         waiting,
+        spares,
+        gate_open,
         last_call,
         last_round,
         members,

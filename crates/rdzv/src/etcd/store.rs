@@ -3,6 +3,11 @@
 //! Every operation is one etcd request or transaction; blocking reads wait on a watch, not by
 //! polling. `add` is a compare-and-swap transaction whose failure branch returns the current
 //! value, so a retry under contention costs one request and no separate read.
+//!
+//! Operations whose answer is lost to a transient error are retried (within the store's
+//! timeout) when that cannot apply them twice. `add` records its outcome under a unique key in
+//! the same transaction (when the store has an operation prefix, as a round's store does), so
+//! a retry after a lost answer finds the first attempt's result instead of adding again.
 
 use std::time::Duration;
 
@@ -12,7 +17,7 @@ use super::api::{
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::client::EtcdClient;
+use super::client::{is_transient, EtcdClient};
 use super::keys::prefix_end;
 use super::watch::{RangeWatch, WatchItem};
 use crate::{RendezvousError, Store};
@@ -24,6 +29,7 @@ pub struct EtcdStore {
     prefix: String,
     lease: i64,
     timeout: Duration,
+    ops: Option<String>,
 }
 
 impl EtcdStore {
@@ -35,6 +41,33 @@ impl EtcdStore {
             prefix,
             lease,
             timeout,
+            ops: None,
+        }
+    }
+
+    /// Records the outcome of every `add` under `prefix` (keys bound to the store's lease), so
+    /// that an `add` whose answer was lost can be retried without adding twice.
+    pub fn with_op_prefix(mut self, prefix: String) -> Self {
+        self.ops = Some(prefix);
+        self
+    }
+
+    /// Runs `op` again after transient errors, within the store's timeout.
+    async fn retry<T, F, Fut>(&self, op: F) -> Result<T, RendezvousError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RendezvousError>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match op().await {
+                Err(e) if is_transient(&e) && Instant::now() + backoff < deadline => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
         }
     }
 
@@ -60,7 +93,9 @@ impl EtcdStore {
         let mut found = Vec::with_capacity(keys.len());
         let mut revision = 0;
         for chunk in ops.chunks(100) {
-            let resp = self.client.txn(Txn::new().and_then(chunk.to_vec())).await?;
+            let resp = self
+                .retry(|| self.client.txn(Txn::new().and_then(chunk.to_vec())))
+                .await?;
             revision = revision.max(resp.revision());
             for r in resp.op_responses() {
                 found.push(matches!(r, TxnOpResponse::Get(g) if g.count() > 0));
@@ -84,9 +119,11 @@ fn parse_counter(key: &str, value: &[u8]) -> Result<i64, RendezvousError> {
 #[async_trait]
 impl Store for EtcdStore {
     async fn set(&self, key: &str, value: &[u8]) -> Result<(), RendezvousError> {
-        self.client
-            .put(self.key(key), value.to_vec(), self.put_options())
-            .await?;
+        self.retry(|| {
+            self.client
+                .put(self.key(key), value.to_vec(), self.put_options())
+        })
+        .await?;
         Ok(())
     }
 
@@ -96,7 +133,7 @@ impl Store for EtcdStore {
 
     async fn get_timeout(&self, key: &str, timeout: Duration) -> Result<Vec<u8>, RendezvousError> {
         let full = self.key(key);
-        let resp = self.client.get(full.clone(), None).await?;
+        let resp = self.retry(|| self.client.get(full.clone(), None)).await?;
         if let Some(kv) = resp.kvs().first() {
             return Ok(kv.value().to_vec());
         }
@@ -135,6 +172,13 @@ impl Store for EtcdStore {
 
     async fn add(&self, key: &str, delta: i64) -> Result<i64, RendezvousError> {
         let full = self.key(key);
+        // Where this call's outcome is recorded (see the module docs).
+        let op_key = self
+            .ops
+            .as_ref()
+            .map(|p| format!("{p}{}", uuid::Uuid::new_v4().simple()));
+        let deadline = Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(50);
         // Start by assuming the counter does not exist; each failed attempt tells us its value.
         let mut seen: Option<(i64, i64)> = None; // (value, mod_revision)
         loop {
@@ -150,24 +194,40 @@ impl Store for EtcdStore {
                     })?,
                 ),
             };
+            let mut success = vec![TxnOp::put(
+                full.clone(),
+                new.to_string(),
+                self.put_options(),
+            )];
+            let mut failure = vec![TxnOp::get(full.clone(), None)];
+            if let Some(op) = &op_key {
+                success.push(TxnOp::put(op.clone(), new.to_string(), self.put_options()));
+                failure.push(TxnOp::get(op.clone(), None));
+            }
             let txn = Txn::new()
                 .when([compare])
-                .and_then([TxnOp::put(
-                    full.clone(),
-                    new.to_string(),
-                    self.put_options(),
-                )])
-                .or_else([TxnOp::get(full.clone(), None)]);
-            let resp = self.client.txn(txn).await?;
+                .and_then(success)
+                .or_else(failure);
+            let resp = match self.client.txn(txn).await {
+                Ok(resp) => resp,
+                // Same compare again: if the lost attempt was applied, this one fails and
+                // finds the outcome under `op_key`; if not, at most one of them applies.
+                Err(e) if op_key.is_some() && is_transient(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if resp.succeeded() {
                 return Ok(new);
             }
-            seen = match resp.op_responses().iter().next() {
-                Some(TxnOpResponse::Get(g)) => match g.kvs().first() {
-                    Some(kv) => Some((parse_counter(key, kv.value())?, kv.mod_revision())),
-                    None => None,
-                },
-                _ => None,
+            if let Some(kv) = resp.get(1).and_then(|g| g.kvs().first()) {
+                return parse_counter(key, kv.value());
+            }
+            seen = match resp.get(0).and_then(|g| g.kvs().first()) {
+                Some(kv) => Some((parse_counter(key, kv.value())?, kv.mod_revision())),
+                None => None,
             };
         }
     }
@@ -192,7 +252,8 @@ impl Store for EtcdStore {
                 self.put_options(),
             )])
             .or_else([TxnOp::get(full.clone(), None)]);
-        let resp = self.client.txn(txn).await?;
+        // Retrying is safe: if a lost attempt applied, the retry reads `desired` back.
+        let resp = self.retry(|| self.client.txn(txn.clone())).await?;
         if resp.succeeded() {
             return Ok(desired.to_vec());
         }
@@ -260,16 +321,21 @@ impl Store for EtcdStore {
     }
 
     async fn delete_key(&self, key: &str) -> Result<bool, RendezvousError> {
-        Ok(self.client.delete(self.key(key), None).await?.deleted() > 0)
+        Ok(self
+            .retry(|| self.client.delete(self.key(key), None))
+            .await?
+            .deleted()
+            > 0)
     }
 
     async fn num_keys(&self) -> Result<u64, RendezvousError> {
         let resp = self
-            .client
-            .get(
-                self.prefix.clone(),
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            )
+            .retry(|| {
+                self.client.get(
+                    self.prefix.clone(),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+            })
             .await?;
         Ok(resp.count().max(0) as u64)
     }

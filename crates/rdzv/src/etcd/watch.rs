@@ -159,6 +159,12 @@ impl RangeWatch {
                         continue;
                     }
                     self.client.stats().count_watch_events(resp.events.len());
+                    tracing::trace!(
+                        start = %String::from_utf8_lossy(&self.start),
+                        events = resp.events.len(),
+                        revision = resp.events.last().map(|e| e.kv.mod_revision),
+                        "watch events"
+                    );
                     if let Some(rev) = resp.events.last().map(|e| e.kv.mod_revision) {
                         self.next_revision = rev + 1;
                     }

@@ -1,0 +1,261 @@
+//! Completing a round: one read of its join records, the rank table ([`super::ranks`]), and
+//! one guarded transaction that writes the assignments, `final`, `current = r + 1` and drops
+//! the keys of round `r - 2` — or, for a table larger than `max_txn_ops`, the same in chunks
+//! under a claim bound to the finaliser's lease.
+//!
+//! Every write is guarded by "`final` absent, not closed" (and the last by "`current` is
+//! `r`"), so a stale or slow finaliser changes nothing. A finaliser whose answer was lost
+//! and that tries again recognises its own claim (by its lease) and takes it over with a new
+//! token, so a lost answer never blocks the round.
+
+use super::api::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
+use super::ranks::{assign_ranks, Candidate};
+use super::records::{decode, encode, Assignment, Claim, FinalRecord, NodeRecord, SCHEMA_VERSION};
+use super::rendezvous::EtcdRendezvousHandler;
+use super::round::RoundResult;
+use crate::RendezvousError;
+
+impl EtcdRendezvousHandler {
+    /// Tries to complete `round`: at once if `at_max` and `max_nodes` joined, or because its
+    /// last call is `due` (then with at least `min_nodes`; with fewer, the last call of
+    /// revision `lastcall_rev` is withdrawn). `Ok(None)`: not now, or someone else did.
+    pub(super) async fn try_finalize(
+        &self,
+        round: u64,
+        at_max: bool,
+        due: bool,
+        lastcall_rev: Option<i64>,
+    ) -> Result<Option<RoundResult>, RendezvousError> {
+        let k = &self.keys;
+        let (min, max) = (self.settings.min_nodes, self.settings.max_nodes);
+        let resp = self
+            .client
+            .get(
+                k.member_prefix(round),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        let members_revision = resp.revision();
+        let mut candidates = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.kvs() {
+            let rec: NodeRecord = decode(kv.key(), kv.value())?;
+            if kv.lease() == 0 {
+                return Err(RendezvousError::State(format!(
+                    "join record '{}' is not bound to a lease; was it written by something else?",
+                    String::from_utf8_lossy(kv.key())
+                )));
+            }
+            candidates.push(Candidate {
+                node_id: rec.node_id,
+                hostname: rec.hostname,
+                node_rank: rec.node_rank,
+                prev_rank: rec.prev_rank,
+                joined: kv.create_revision(),
+            });
+        }
+        if candidates.len() < min {
+            if let (true, Some(rev)) = (due, lastcall_rev) {
+                // Members left during the last call: withdraw it; the next join re-arms it.
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        k.lastcall(round),
+                        CompareOp::Equal,
+                        rev,
+                    )])
+                    .and_then([TxnOp::delete(k.lastcall(round), None)]);
+                self.client.txn(txn).await?;
+                tracing::debug!(
+                    round,
+                    members = candidates.len(),
+                    min,
+                    "too few members at the last call; withdrawn"
+                );
+            }
+            return Ok(None);
+        }
+        if !due && (!at_max || candidates.len() < max) {
+            // More joins than members (some left): wait for the last call.
+            return Ok(None);
+        }
+        let table = assign_ranks(candidates, max);
+        let world_size = table.ranked.len();
+        let token = self.env.token();
+        let record = FinalRecord {
+            v: SCHEMA_VERSION,
+            round,
+            world_size,
+            token: token.clone(),
+            members_revision,
+            finalizer: self.node.node_id.clone(),
+            min_nodes: min,
+            max_nodes: max,
+        };
+        let run_lease = self.run_lease_id().await?;
+        let leased = || Some(PutOptions::new().with_lease(run_lease));
+        let assigns: Vec<TxnOp> = table
+            .ranked
+            .iter()
+            .enumerate()
+            .map(|(rank, c)| {
+                let a = Assignment {
+                    v: SCHEMA_VERSION,
+                    rank,
+                    world_size,
+                    token: token.clone(),
+                };
+                TxnOp::put(k.assign(round, &c.node_id), encode(&a), leased())
+            })
+            .collect();
+        let mut finish = vec![
+            TxnOp::put(k.final_key(round), encode(&record), leased()),
+            TxnOp::put(k.current(), (round + 1).to_string(), leased()),
+        ];
+        if round > 2 {
+            // Nobody reads a round two behind the one just completed: drop its keys.
+            let old = round - 2;
+            let range =
+                |prefix: String| TxnOp::delete(prefix, Some(DeleteOptions::new().with_prefix()));
+            finish.push(range(k.round_prefix(old)));
+            finish.push(range(k.assign_prefix(old)));
+            finish.push(range(k.kv_prefix(old)));
+            finish.push(range(k.op_prefix(old)));
+        }
+        let written = if assigns.len() + finish.len() <= self.settings.max_txn_ops {
+            let mut ops = assigns;
+            ops.extend(finish);
+            self.client
+                .txn(Txn::new().when(self.open_guards(round)).and_then(ops))
+                .await?
+                .succeeded()
+        } else {
+            self.finalize_in_chunks(round, &token, assigns, finish)
+                .await?
+        };
+        if !written {
+            return Ok(None);
+        }
+        let rank = table
+            .ranked
+            .iter()
+            .position(|c| c.node_id == self.node.node_id);
+        tracing::debug!(
+            round,
+            world_size,
+            waiting = table.waiting.len(),
+            "completed the round"
+        );
+        Ok(Some(RoundResult {
+            record,
+            rank,
+            next_round: round + 1,
+        }))
+    }
+
+    /// "Round `round` is open": not final, the run not closed, `current` is `round`.
+    fn open_guards(&self, round: u64) -> Vec<Compare> {
+        let k = &self.keys;
+        vec![
+            Compare::create_revision(k.final_key(round), CompareOp::Equal, 0),
+            Compare::create_revision(k.closed(), CompareOp::Equal, 0),
+            Compare::value(k.current(), CompareOp::Equal, round.to_string()),
+        ]
+    }
+
+    async fn finalize_in_chunks(
+        &self,
+        round: u64,
+        token: &str,
+        assigns: Vec<TxnOp>,
+        finish: Vec<TxnOp>,
+    ) -> Result<bool, RendezvousError> {
+        let k = &self.keys;
+        let claim_key = k.claim(round);
+        let claim = encode(&Claim {
+            v: SCHEMA_VERSION,
+            node_id: self.node.node_id.clone(),
+            token: token.to_string(),
+        });
+        let lease = self.node_lease.lock().await.id();
+        let put_claim = || {
+            TxnOp::put(
+                claim_key.clone(),
+                claim.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        };
+        // Claim the round: if nobody holds it, or if we do (an earlier attempt of ours whose
+        // answer was lost): the claim is bound to our lease.
+        let take = Txn::new()
+            .when(self.open_guards(round))
+            .and_then([TxnOp::txn(
+                Txn::new()
+                    .when([Compare::lease(claim_key.clone(), CompareOp::Equal, 0)])
+                    .and_then([put_claim()])
+                    .or_else([TxnOp::txn(
+                        Txn::new()
+                            .when([Compare::lease(claim_key.clone(), CompareOp::Equal, lease)])
+                            .and_then([put_claim()]),
+                    )]),
+            )]);
+        let resp = self.client.txn(take).await?;
+        let claimed = resp.succeeded()
+            && resp
+                .txn(0)
+                .is_some_and(|t| t.succeeded() || t.txn(0).is_some_and(|t| t.succeeded()));
+        if !claimed {
+            return Ok(false);
+        }
+        let ours = || {
+            let mut c = vec![Compare::value(
+                claim_key.clone(),
+                CompareOp::Equal,
+                claim.clone(),
+            )];
+            c.extend(self.open_guards(round));
+            c
+        };
+        let mut assigns = assigns.into_iter().peekable();
+        while assigns.peek().is_some() {
+            let chunk: Vec<TxnOp> = assigns.by_ref().take(self.settings.max_txn_ops).collect();
+            if !self
+                .client
+                .txn(Txn::new().when(ours()).and_then(chunk))
+                .await?
+                .succeeded()
+            {
+                return Ok(false);
+            }
+        }
+        let mut ops = finish;
+        ops.push(TxnOp::delete(claim_key.clone(), None));
+        Ok(self
+            .client
+            .txn(Txn::new().when(ours()).and_then(ops))
+            .await?
+            .succeeded())
+    }
+
+    /// Reads this node's assignment in a completed round.
+    pub(super) async fn read_assignment(
+        &self,
+        record: FinalRecord,
+    ) -> Result<RoundResult, RendezvousError> {
+        let resp = self
+            .client
+            .get(self.keys.assign(record.round, &self.node.node_id), None)
+            .await?;
+        let rank = match resp.kvs().first() {
+            Some(kv) => {
+                let a: Assignment = decode(kv.key(), kv.value())?;
+                (a.token == record.token).then_some(a.rank)
+            }
+            None => None,
+        };
+        let next_round = record.round + 1;
+        Ok(RoundResult {
+            record,
+            rank,
+            next_round,
+        })
+    }
+}
