@@ -55,6 +55,8 @@ pub enum AgentEnd {
     Closed,
     /// It left when asked.
     Left,
+    /// It was asked to close the run (and stopped acting first).
+    Closing,
     /// The rendezvous failed (timeout, state, connection).
     Failed(String),
 }
@@ -66,6 +68,7 @@ pub async fn run_agent(
     host: usize,
     link: Arc<NodeLink>,
     seed: u64,
+    skew_ms: i64,
     control: Arc<AgentControl>,
 ) -> AgentEnd {
     let client = EtcdClient::from_api(Arc::new(shared.etcd.connect(link)), Arc::default());
@@ -80,9 +83,8 @@ pub async fn run_agent(
         detached: false,
         left: false,
     };
-    // Each node's wall clock is skewed by up to ±30 s: the protocol must not care.
-    let skew = (seed % 60_001) as i64 - 30_000;
-    let wall = (1_800_000_000_000_i64 + shared.etcd.now_ms() as i64 + skew) as u64;
+    // Each node's wall clock is skewed (the protocol must not care).
+    let wall = (1_800_000_000_000_i64 + shared.etcd.now_ms() as i64 + skew_ms) as u64;
     let handler = match EtcdRendezvousHandler::with_identity(
         client,
         &shared.params,
@@ -105,7 +107,7 @@ pub async fn run_agent(
         AgentEnd::Left | AgentEnd::Failed(_) => {
             let _ = handler.shutdown().await;
         }
-        AgentEnd::Closed => {}
+        AgentEnd::Closed | AgentEnd::Closing => {}
     }
     end
 }
@@ -144,9 +146,8 @@ async fn serve(
             tokio::select! {
                 biased;
                 _ = control.leave.notified() => break Some(AgentEnd::Left),
-                _ = control.close.notified() => {
-                    let _ = handler.set_closed().await;
-                }
+                // As `rdzv run` when its restarts are exhausted: stop the workers, then close.
+                _ = control.close.notified() => break Some(AgentEnd::Closing),
                 ev = events.recv() => match ev {
                     Ok(MembershipEvent::Closed) | Err(broadcast::error::RecvError::Closed) => {
                         break Some(AgentEnd::Closed)
@@ -165,8 +166,13 @@ async fn serve(
         };
         tracing::info!(round = info.round, ?stop, "agent: stopped acting");
         shared.check(|c| c.on_stop(name));
-        if let Some(end) = stop {
-            return end;
+        match stop {
+            Some(AgentEnd::Closing) => {
+                let _ = handler.set_closed().await;
+                return AgentEnd::Closed;
+            }
+            Some(end) => return end,
+            None => {}
         }
     }
 }

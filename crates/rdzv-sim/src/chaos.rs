@@ -1,21 +1,14 @@
 //! One simulated run: a configuration drawn from the seed, the nodes, a period of faults, then
 //! a quiet period after which the job must have settled ([`run_seed`]).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use rdzv::etcd::keys::RunKeys;
-use rdzv::etcd::RendezvousSettings;
-use rdzv::RendezvousParameters;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::Instrument;
 
-use crate::agent::{run_agent, AgentControl, AgentEnd, Shared};
-use crate::check::Checker;
-use crate::model::{Limits, Model};
-use crate::server::{FaultRates, NodeLink, SimEtcd};
+use crate::server::FaultRates;
+use crate::world::{lock, World, WorldConfig};
 use crate::{SimReport, SimRng};
 
 /// A run's configuration, drawn from its seed.
@@ -107,90 +100,6 @@ impl SimConfig {
     }
 }
 
-/// One node of the run.
-struct Node {
-    name: String,
-    link: Arc<NodeLink>,
-    control: Arc<AgentControl>,
-    task: JoinHandle<AgentEnd>,
-}
-
-/// The run's nodes, by slot (a slot is refilled by a new node when its node is gone).
-struct Nodes {
-    shared: Shared,
-    rng: SimRng,
-    slots: Vec<Option<Node>>,
-    incarnations: Vec<u32>,
-}
-
-impl Nodes {
-    fn start(&mut self, slot: usize) {
-        let incarnation = self.incarnations[slot];
-        self.incarnations[slot] += 1;
-        let name = format!("n{slot}.{incarnation}");
-        let link = Arc::new(NodeLink::default());
-        let control = Arc::new(AgentControl::default());
-        let task = tokio::spawn(
-            run_agent(
-                self.shared.clone(),
-                name.clone(),
-                slot,
-                link.clone(),
-                self.rng.seed(),
-                control.clone(),
-            )
-            .instrument(tracing::info_span!("node", name = %name)),
-        );
-        self.slots[slot] = Some(Node {
-            name,
-            link,
-            control,
-            task,
-        });
-    }
-
-    fn live(&self) -> Vec<usize> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.as_ref().is_some_and(|n| !n.task.is_finished()))
-            .map(|(i, _)| i)
-            .collect()
-    }
-
-    fn pick_live(&self) -> Option<usize> {
-        let live = self.live();
-        (!live.is_empty()).then(|| live[self.rng.below(live.len())])
-    }
-
-    fn crash(&mut self, slot: usize) {
-        if let Some(node) = self.slots[slot].take() {
-            node.link.crash();
-            node.task.abort();
-            self.shared
-                .checker
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .on_gone(&node.name);
-        }
-    }
-
-    /// Refills every empty or ended slot (unless the run is closed).
-    fn refill(&mut self, closed: bool) -> usize {
-        let mut started = 0;
-        for slot in 0..self.slots.len() {
-            let ended = self.slots[slot]
-                .as_ref()
-                .is_none_or(|n| n.task.is_finished());
-            if ended && !closed {
-                self.start(slot);
-                started += 1;
-            }
-        }
-        started
-    }
-}
-
 /// The wall-clock time a run may take before it is reported as a livelock (a task that never
 /// waits stops the simulated clock).
 pub const LIVELOCK_AFTER: Duration = Duration::from_secs(60);
@@ -238,74 +147,35 @@ pub fn run_seed(seed: u64) -> SimReport {
 async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> SimReport {
     let rng = SimRng::new(seed);
     let cfg = SimConfig::draw(&rng);
-    let limits = Limits {
-        max_txn_ops: cfg.max_txn_ops,
-        min_lease_ttl: 2,
-    };
-    let etcd = SimEtcd::start(
-        Model::new(limits),
+    let mut world = World::new(
+        &WorldConfig {
+            min_nodes: cfg.min_nodes,
+            max_nodes: cfg.max_nodes,
+            ttl_secs: cfg.ttl_secs,
+            last_call: cfg.last_call,
+            request_timeout: cfg.request_timeout,
+            max_txn_ops: cfg.max_txn_ops,
+            timeout: Duration::from_secs(120),
+        },
         rng.clone(),
-        FaultRates::none(),
-        cfg.request_timeout,
     );
-    let run_id = "job";
-    let params =
-        RendezvousParameters::new("etcd", "sim:2379", run_id, cfg.min_nodes, cfg.max_nodes)
-            .expect("valid parameters");
-    let settings = RendezvousSettings {
-        prefix: "/rdzv".into(),
-        timeout: Duration::from_secs(120),
-        last_call_timeout: cfg.last_call,
-        keep_alive_ttl: Duration::from_secs(cfg.ttl_secs),
-        retention: Duration::from_secs(3600),
-        store_timeout: Duration::from_secs(60),
-        node_rank: None,
-        max_txn_ops: cfg.max_txn_ops,
-        min_nodes: cfg.min_nodes,
-        max_nodes: cfg.max_nodes,
-    };
-    let checker = Arc::new(Mutex::new(Checker::new(
-        RunKeys::new(&settings.prefix, run_id),
-        cfg.min_nodes,
-        cfg.max_nodes,
-    )));
-    {
-        let checker = checker.clone();
-        let clock = etcd.clone();
-        etcd.set_observer(Box::new(move |model, events, cause| {
-            let now = clock_now(&clock);
-            checker
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .observe(model, events, cause, now);
-        }));
-    }
-    let shared = Shared {
-        etcd: etcd.clone(),
-        checker: checker.clone(),
-        params,
-        settings,
-    };
-    let mut nodes = Nodes {
-        shared,
-        rng: rng.clone(),
-        slots: (0..cfg.population).map(|_| None).collect(),
-        incarnations: vec![0; cfg.population],
-    };
+    let etcd = world.etcd.clone();
+    let checker = world.checker.clone();
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut count = |kind: &'static str| *faults.entry(kind).or_default() += 1;
     // The nodes arrive within the first seconds, spares (the last slots) later.
     let started = Instant::now();
-    for slot in 0..cfg.population {
+    for _ in 0..cfg.population {
+        let slot = world.add_slot();
         tokio::time::sleep(rng.duration(Duration::ZERO, Duration::from_millis(1500))).await;
-        nodes.start(slot);
+        world.start(slot);
     }
     let ttl = Duration::from_secs(cfg.ttl_secs);
     let chaos_end = started + cfg.chaos;
     let mut burst_until = Instant::now();
     let mut closed_by_us = false;
     while Instant::now() < chaos_end {
-        progress.store(clock_now(&etcd), std::sync::atomic::Ordering::Relaxed);
+        progress.store(etcd.now_ms(), std::sync::atomic::Ordering::Relaxed);
         let pause = rng.duration(Duration::ZERO, cfg.fault_interval * 2);
         tokio::time::sleep(pause).await;
         if Instant::now() >= burst_until {
@@ -317,29 +187,25 @@ async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> Sim
         let span = |lo: Duration, hi: Duration| rng.duration(lo, hi).min(left);
         match rng.below(100) {
             0..=14 => {
-                if let Some(slot) = nodes.pick_live() {
+                if let Some(slot) = world.pick_live() {
                     tracing::info!(slot, "fault: crash");
-                    nodes.crash(slot);
+                    world.crash(slot);
                     count("crash");
                 }
             }
             15..=29 => {
-                if let Some(slot) = nodes.pick_live() {
+                if let Some(link) = world.pick_live().and_then(|s| world.link(s)) {
                     let d = span(Duration::from_millis(200), ttl * 2);
-                    tracing::info!(slot, ?d, "fault: stall");
-                    if let Some(n) = nodes.slots[slot].as_ref() {
-                        n.link.stall_until(Instant::now() + d);
-                    }
+                    tracing::info!(?d, "fault: stall");
+                    link.stall_until(Instant::now() + d);
                     count("stall");
                 }
             }
             30..=39 => {
-                if let Some(slot) = nodes.pick_live() {
+                if let Some(link) = world.pick_live().and_then(|s| world.link(s)) {
                     let d = span(Duration::from_millis(500), ttl * 3);
-                    tracing::info!(slot, ?d, "fault: partition");
-                    if let Some(n) = nodes.slots[slot].as_ref() {
-                        n.link.partition_until(Instant::now() + d);
-                    }
+                    tracing::info!(?d, "fault: partition");
+                    link.partition_until(Instant::now() + d);
                     count("partition");
                 }
             }
@@ -355,10 +221,8 @@ async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> Sim
                 count("compaction");
             }
             53..=62 => {
-                if let Some(slot) = nodes.pick_live() {
-                    if let Some(n) = nodes.slots[slot].as_ref() {
-                        n.control.leave.notify_one();
-                    }
+                if let Some(slot) = world.pick_live() {
+                    world.leave(slot);
                     count("leave");
                 }
             }
@@ -369,17 +233,15 @@ async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> Sim
                 count("request fault burst");
             }
             78..=79 if cfg.close && !closed_by_us => {
-                if let Some(slot) = nodes.pick_live() {
-                    if let Some(n) = nodes.slots[slot].as_ref() {
-                        n.control.close.notify_one();
-                    }
+                if let Some(slot) = world.pick_live() {
+                    world.close(slot);
                     closed_by_us = true;
                     count("close");
                 }
             }
             _ => {
                 // Replacements for the nodes that are gone (a newcomer each).
-                let n = nodes.refill(closed || closed_by_us);
+                let n = world.refill(closed || closed_by_us);
                 for _ in 0..n {
                     count("newcomer");
                 }
@@ -390,19 +252,15 @@ async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> Sim
     etcd.set_rates(FaultRates::none());
     tokio::time::sleep_until(chaos_end).await;
     let closed = lock(&checker).closed() || closed_by_us;
-    nodes.refill(closed);
+    world.refill(closed);
     let stable = ttl * 2 + cfg.last_call + Duration::from_secs(5);
     // Long enough for: a lease to expire (TTL), a newcomer's gate, a last call with its
     // backups, a request timeout, and the stable window itself.
     let settle =
         ttl * 4 + cfg.last_call * 2 + cfg.request_timeout * 2 + stable + Duration::from_secs(10);
     tokio::time::sleep(settle).await;
-    let alive: BTreeSet<String> = nodes
-        .live()
-        .into_iter()
-        .filter_map(|s| nodes.slots[s].as_ref().map(|n| n.name.clone()))
-        .collect();
-    let now = clock_now(&etcd);
+    let alive = world.live_names();
+    let now = etcd.now_ms();
     let mut c = lock(&checker);
     c.check_settled(&alive, now, stable.as_millis() as u64);
     let report = SimReport {
@@ -417,16 +275,6 @@ async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> Sim
         sim_ms: now,
     };
     drop(c);
-    for slot in 0..nodes.slots.len() {
-        nodes.crash(slot);
-    }
+    world.stop_all();
     report
-}
-
-fn clock_now(etcd: &SimEtcd) -> u64 {
-    etcd.now_ms()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -164,7 +164,9 @@ impl Checker {
                 let name = name.to_string();
                 match (section, name.as_str(), put) {
                     ("ctl", "final", true) => self.on_final(model, round, e),
-                    ("member", node, true) if e.kv.version == 1 => self.on_join(model, round, node),
+                    ("member", node, true) if e.kv.version == 1 => {
+                        self.on_join(model, round, node, e.kv.lease)
+                    }
                     ("member", node, false) if matches!(cause, Cause::LeaseExpired(_)) => {
                         self.on_lease_expired(round, node)
                     }
@@ -240,20 +242,26 @@ impl Checker {
         );
     }
 
-    fn on_join(&mut self, model: &Model, round: u64, node: &str) {
+    fn on_join(&mut self, model: &Model, round: u64, node: &str, lease: i64) {
         let finalised = self.finals.contains_key(&round);
         self.check(!finalised, || {
             format!("{node} joined round {round} after it was finalised (a ghost round)")
         });
         // Abandoning a round: the node holds a rank in an earlier round that it never
-        // learnt, and its record there is still alive (its peers count on it).
+        // learnt, and its record there is still alive under the lease it joins with now (its
+        // peers count on it). A record under an older lease is a membership the node knows it
+        // lost (its fence), which its peers learn when that lease goes.
         let last_view = self.nodes.get(node).and_then(|t| t.last_view);
         let abandoned: Vec<(u64, usize)> = self
             .finals
             .range(..round)
             .filter(|(r, _)| last_view.is_none_or(|v| v < **r))
             .filter_map(|(r, t)| t.ranks.get(node).map(|rank| (*r, *rank)))
-            .filter(|(r, _)| model.get(self.keys.member(*r, node).as_bytes()).is_some())
+            .filter(|(r, _)| {
+                model
+                    .get(self.keys.member(*r, node).as_bytes())
+                    .is_some_and(|kv| kv.lease == lease)
+            })
             .collect();
         for (r, rank) in abandoned {
             self.check(false, || {

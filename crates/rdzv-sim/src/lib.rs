@@ -19,12 +19,49 @@ pub mod chaos;
 pub mod check;
 pub mod model;
 pub mod server;
+pub mod world;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use chaos::run_seed;
+pub use chaos::{run_seed, LIVELOCK_AFTER};
+
+/// Runs `scenario` on a fresh simulation runtime (single thread, simulated clock) seeded with
+/// `seed`, and returns its result.
+///
+/// # Panics
+/// If the scenario panics, or if its simulated clock stops for [`LIVELOCK_AFTER`] of real time
+/// (a task spins without waiting).
+pub fn run_scripted<T, F, Fut>(seed: u64, scenario: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(SimRng) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("scenario-{seed}"))
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .expect("a current-thread runtime");
+            let _ = tx.send(runtime.block_on(scenario(SimRng::new(seed))));
+        })
+        .expect("a scenario thread");
+    match rx.recv_timeout(LIVELOCK_AFTER) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("the scenario panicked (see above)")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
+            "livelock: the scenario's simulated clock stopped for {LIVELOCK_AFTER:?} of real time \
+             (a task spins without waiting)"
+        ),
+    }
+}
 
 /// The simulation's one source of randomness (seeded; shared by everything in a run).
 #[derive(Debug, Clone)]

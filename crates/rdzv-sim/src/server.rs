@@ -26,8 +26,8 @@ use tokio::time::Instant;
 use crate::model::{in_range, Model};
 use crate::SimRng;
 use rdzv::etcd::api::{
-    ApiError, EtcdApi, Event, GetOptions, GetResponse, LeaseGrant, Txn, TxnResponse, WatchOptions,
-    WatchResponse, WatchStream,
+    ApiError, EtcdApi, Event, GetOptions, GetResponse, LeaseGrant, Txn, TxnOp, TxnResponse,
+    WatchOptions, WatchResponse, WatchStream,
 };
 
 /// Probabilities of the random faults, per request or per watch message.
@@ -69,13 +69,74 @@ struct LinkState {
     partitioned_until: Option<Instant>,
 }
 
+/// A scripted fault of a node's transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The transaction never reaches etcd.
+    DropBefore,
+    /// etcd applies the transaction, its answer is lost.
+    LoseResponse,
+}
+
+/// Matches the transactions a scripted fault applies to.
+pub type TxnMatcher = Box<dyn Fn(&Txn) -> bool + Send + Sync>;
+
+struct Rule {
+    fault: Fault,
+    remaining: usize,
+    matches: TxnMatcher,
+}
+
 /// One node's connection to the simulated etcd.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct NodeLink {
     state: Mutex<LinkState>,
+    rules: Mutex<Vec<Rule>>,
+}
+
+impl std::fmt::Debug for NodeLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeLink")
+            .field("state", &self.get())
+            .finish()
+    }
+}
+
+/// True if `txn` (or a nested transaction of it, in either branch) puts or deletes a key for
+/// which `pred` holds.
+pub fn txn_writes(txn: &Txn, pred: &dyn Fn(&[u8]) -> bool) -> bool {
+    txn.success.iter().chain(&txn.failure).any(|op| match op {
+        TxnOp::Put { key, .. } | TxnOp::Delete { key, .. } => pred(key),
+        TxnOp::Txn(t) => txn_writes(t, pred),
+        TxnOp::Get { .. } => false,
+    })
 }
 
 impl NodeLink {
+    /// Injects `fault` into the next `times` transactions of this node that `matches`.
+    pub fn inject(
+        &self,
+        fault: Fault,
+        times: usize,
+        matches: impl Fn(&Txn) -> bool + Send + Sync + 'static,
+    ) {
+        lock(&self.rules).push(Rule {
+            fault,
+            remaining: times,
+            matches: Box::new(matches),
+        });
+    }
+
+    /// The scripted fault for `txn`, if one applies (and counts it).
+    fn take_fault(&self, txn: &Txn) -> Option<Fault> {
+        let mut rules = lock(&self.rules);
+        let rule = rules
+            .iter_mut()
+            .find(|r| r.remaining > 0 && (r.matches)(txn))?;
+        rule.remaining -= 1;
+        Some(rule.fault)
+    }
+
     fn get(&self) -> LinkState {
         *lock(&self.state)
     }
@@ -423,7 +484,19 @@ impl EtcdApi for SimApi {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, ApiError> {
-        self.request(true, move |m, _| m.txn(&txn)).await
+        match self.link.take_fault(&txn) {
+            Some(Fault::DropBefore) => {
+                self.latency().await;
+                Err(ApiError::NotReached("connection reset (scripted)".into()))
+            }
+            Some(Fault::LoseResponse) => {
+                self.request(false, move |m, _| m.txn(&txn)).await?;
+                Err(ApiError::Unavailable(
+                    "response lost after the request was applied (scripted)".into(),
+                ))
+            }
+            None => self.request(true, move |m, _| m.txn(&txn)).await,
+        }
     }
 
     async fn lease_grant(&self, ttl: i64) -> Result<LeaseGrant, ApiError> {

@@ -249,6 +249,15 @@ async fn resync(
     kvs: &[KeyValue],
 ) -> Result<Verdict, RendezvousError> {
     let round = args.round;
+    // Events were lost: the run may have moved on by more than one round, whose keys (this
+    // round's among them) are then gone from the snapshot.
+    let current = args.client.get(args.keys.current(), None).await?;
+    if let Some(kv) = current.kvs().first() {
+        if super::rendezvous::parse_round(kv)? > round + 1 {
+            args.emit(MembershipEvent::RoundSuperseded { round });
+            return Ok(Verdict::Stop);
+        }
+    }
     let mut present = std::collections::BTreeSet::new();
     for kv in kvs {
         let key = String::from_utf8_lossy(kv.key()).into_owned();

@@ -213,7 +213,6 @@ impl EtcdRendezvousHandler {
         );
         self.await_round(round, joined, prev_member, deadline, watch)
             .await
-            .map(Step::Done)
     }
 
     async fn join(
@@ -307,6 +306,10 @@ impl EtcdRendezvousHandler {
                 TxnOp::get(k.closed(), Some(GetOptions::new().with_count_only())),
                 TxnOp::get(k.final_key(round), None),
                 TxnOp::get(k.assign(round, me), None),
+                TxnOp::get(
+                    k.member(round, me),
+                    Some(GetOptions::new().with_keys_only()),
+                ),
             ]);
         let resp = self.client.txn(txn).await?;
         if !resp.succeeded() {
@@ -324,9 +327,16 @@ impl EtcdRendezvousHandler {
             };
             if let Some(kv) = resp.get(2).and_then(|g| g.kvs().first()) {
                 let record: FinalRecord = decode(kv.key(), kv.value())?;
+                // Our rank there counts only if our record there is still ours: bound to the
+                // lease we hold now. A record of a lost lease is a lost membership (the peers
+                // are told of it); this node then goes on to the open round.
+                let still_ours = resp
+                    .get(4)
+                    .and_then(|g| g.kvs().first())
+                    .is_some_and(|kv| kv.lease() == lease);
                 let assignment = match resp.get(3).and_then(|g| g.kvs().first()) {
-                    Some(kv) => Some(decode::<Assignment>(kv.key(), kv.value())?),
-                    None => None,
+                    Some(kv) if still_ours => Some(decode::<Assignment>(kv.key(), kv.value())?),
+                    _ => None,
                 };
                 return Ok(JoinOutcome::Completed(record, assignment, current));
             }
@@ -372,7 +382,7 @@ impl EtcdRendezvousHandler {
         prev_member: bool,
         deadline: &mut Instant,
         mut watch: RangeWatch,
-    ) -> Result<RoundResult, RendezvousError> {
+    ) -> Result<Step, RendezvousError> {
         let k = &self.keys;
         let me = self.node.node_id.clone();
         let max = self.settings.max_nodes;
@@ -434,7 +444,7 @@ impl EtcdRendezvousHandler {
         let mut progress = tokio::time::interval_at(Instant::now() + ttl, ttl);
         loop {
             if let Some(record) = view.final_record.take() {
-                return self.read_assignment(record).await;
+                return self.read_assignment(record).await.map(Step::Done);
             }
             if view.closed {
                 return Err(self.closed_error());
@@ -466,7 +476,7 @@ impl EtcdRendezvousHandler {
                     .try_finalize(round, w.at_max, due, lastcall_rev)
                     .await?
                 {
-                    return Ok(done);
+                    return Ok(Step::Done(done));
                 }
                 w.at_max = false;
                 w.cooldown = Some(Instant::now() + w.grace);
@@ -494,7 +504,18 @@ impl EtcdRendezvousHandler {
                             view.apply(k, &ev.kv, ev.event_type() == EventType::Delete)?;
                         }
                     }
-                    WatchItem::Resync { kvs, .. } => view.resync(k, &kvs)?,
+                    WatchItem::Resync { kvs, .. } => {
+                        view.resync(k, &kvs)?;
+                        // Events were lost: if the round was completed and its keys dropped
+                        // meanwhile, the snapshot shows nothing; the open round tells.
+                        let resp = self.client.get(k.current(), None).await?;
+                        if let Some(kv) = resp.kvs().first() {
+                            let open = parse_round(kv)?;
+                            if open != round && view.final_record.is_none() {
+                                return Ok(Step::Stale(open));
+                            }
+                        }
+                    }
                 },
                 item = keeper_next(&mut w.keeper) => {
                     let round = w.round;

@@ -1,0 +1,345 @@
+//! Regression tests of the protocol's defects, each a scripted scenario on the simulator (the
+//! shipped protocol, an in-memory etcd, a simulated clock), named after the defect. Every
+//! scenario also runs the invariant checker on every change of etcd.
+
+use std::time::Duration;
+
+use rdzv_sim::run_scripted;
+use rdzv_sim::server::{txn_writes, Fault};
+use rdzv_sim::world::{World, WorldConfig};
+use tokio::time::Instant;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn ends_with(suffix: &'static str) -> impl Fn(&[u8]) -> bool {
+    move |key: &[u8]| key.ends_with(suffix.as_bytes())
+}
+
+/// Starts nodes in new slots; returns the slots.
+fn start(world: &mut World, n: usize) -> Vec<usize> {
+    (0..n)
+        .map(|_| {
+            let slot = world.add_slot();
+            world.start(slot);
+            slot
+        })
+        .collect()
+}
+
+/// Waits until exactly the nodes of `slots` act, all in one round, and returns it.
+async fn settled(world: &World, slots: &[usize], within: Duration) -> u64 {
+    let names: Vec<String> = slots.iter().filter_map(|s| world.name(*s)).collect();
+    let ok = world
+        .wait_until(within, |w| {
+            let acting = w.acting();
+            acting.len() == names.len()
+                && names.iter().all(|n| acting.contains_key(n))
+                && acting
+                    .values()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+                    == 1
+        })
+        .await;
+    assert!(
+        ok,
+        "nodes {names:?} did not settle in one round within {within:?}; acting: {:?}; \
+         violations: {:?}",
+        world.acting(),
+        world.violations()
+    );
+    *world.acting().values().next().expect("a node acts")
+}
+
+fn assert_no_violations(world: &World) {
+    let v = world.violations();
+    assert!(v.is_empty(), "invariants violated: {v:#?}");
+}
+
+/// Defect 1 (ghost round): after the job's third round, finalising round 3 deleted round 1's
+/// keys, `final` included, and a fresh node joined round 1 again: `round 1, rank 0` while the
+/// job ran round 3 with its own rank 0, and `current` moved backwards.
+#[test]
+fn ghost_round_a_newcomer_after_round_keys_were_dropped_joins_the_current_round() {
+    run_scripted(1, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 1,
+                max_nodes: 8,
+                last_call: Duration::ZERO,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        // Each newcomer makes the job re-form: four rounds.
+        let mut slots = Vec::new();
+        for _ in 0..4 {
+            slots.extend(start(&mut world, 1));
+            settled(&world, &slots, 30 * SECOND).await;
+        }
+        assert!(world.rounds() >= 4, "rounds: {}", world.rounds());
+        let last = settled(&world, &slots, 30 * SECOND).await;
+        slots.extend(start(&mut world, 1));
+        let round = settled(&world, &slots, 30 * SECOND).await;
+        assert!(
+            round > last,
+            "the newcomer's round {round} is not after {last}"
+        );
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}
+
+/// Defect 2 (a spare restarts the job forever): with the job at `max_nodes`, an extra node
+/// made the members restart every round (249 worker restarts in 21 s) and was never admitted.
+/// A spare must wait without disturbing the members, and be admitted when a member leaves.
+#[test]
+fn spare_beyond_max_nodes_waits_without_restarting_the_members() {
+    run_scripted(2, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 1,
+                max_nodes: 2,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let members = start(&mut world, 2);
+        let round = settled(&world, &members, 30 * SECOND).await;
+        let spare = start(&mut world, 1)[0];
+        tokio::time::sleep(60 * SECOND).await;
+        assert_eq!(
+            world.rounds() as u64,
+            round,
+            "the members re-formed for the spare"
+        );
+        assert_eq!(settled(&world, &members, SECOND).await, round);
+        let spare_name = world.name(spare).unwrap();
+        assert!(!world.acting().contains_key(&spare_name), "the spare acts");
+        // A member leaves: the spare takes its place.
+        world.leave(members[0]);
+        let next = settled(&world, &[members[1], spare], 30 * SECOND).await;
+        assert!(next > round);
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}
+
+/// Defect 3 (a lost response makes a node abandon its round): the finaliser's answer to the
+/// final transaction was lost; its retry found the round final and moved on to the next one
+/// without reading its own rank, leaving its record alive, so its peers waited for it.
+#[test]
+fn lost_final_response_leaves_the_finaliser_in_its_round() {
+    run_scripted(3, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 2,
+                max_nodes: 2,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let slots: Vec<usize> = (0..2).map(|_| world.add_slot()).collect();
+        for &s in &slots {
+            world.start(s);
+            world.link(s).unwrap().inject(Fault::LoseResponse, 1, |t| {
+                txn_writes(t, &ends_with("/ctl/final"))
+            });
+        }
+        let round = settled(&world, &slots, 30 * SECOND).await;
+        assert_eq!(round, 1, "the two nodes must stay in round 1");
+        assert_eq!(world.rounds(), 1);
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}
+
+/// Defect 3, second form: a node's connection stalls (8 s, less than its TTL) while its peer
+/// arrives and completes the round with it; the node must learn its rank in that round.
+#[test]
+fn stalled_connection_while_the_peer_completes_the_round_keeps_the_round() {
+    run_scripted(4, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 2,
+                max_nodes: 2,
+                ttl_secs: 10,
+                request_timeout: 5 * SECOND,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let a = start(&mut world, 1)[0];
+        tokio::time::sleep(SECOND).await;
+        world
+            .link(a)
+            .unwrap()
+            .stall_until(Instant::now() + 8 * SECOND);
+        let b = start(&mut world, 1)[0];
+        let round = settled(&world, &[a, b], 30 * SECOND).await;
+        assert_eq!(round, 1);
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}
+
+/// Defect 4 (chunked finalisation deadlocks after one lost response, and waiters spin): after
+/// a lost answer to the claim, every node — the claimer too — refused to finalise while the
+/// claim existed, until timeout, and the waiters spun on a past deadline (which stops the
+/// simulated clock: `run_scripted` reports it as a livelock).
+#[test]
+fn lost_claim_response_does_not_deadlock_chunked_finalisation() {
+    run_scripted(5, |rng| async move {
+        let n = 9;
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: n,
+                max_nodes: n,
+                max_txn_ops: 8,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let slots: Vec<usize> = (0..n).map(|_| world.add_slot()).collect();
+        for &s in &slots {
+            world.start(s);
+            world.link(s).unwrap().inject(Fault::LoseResponse, 2, |t| {
+                txn_writes(t, &ends_with("/ctl/claim"))
+            });
+        }
+        let round = settled(&world, &slots, 60 * SECOND).await;
+        assert_eq!(round, 1);
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}
+
+/// Defect 5 (no fence for a node cut off from etcd): a partitioned node kept its rank for as
+/// long as the partition lasted while the others re-formed without it. It must stop acting
+/// before etcd can expire its lease (the checker verifies that at the expiry), the others
+/// re-form, and it re-joins when the partition heals.
+#[test]
+fn partitioned_node_stops_acting_before_its_lease_expires() {
+    run_scripted(6, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 1,
+                max_nodes: 2,
+                ttl_secs: 3,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let slots = start(&mut world, 2);
+        let round = settled(&world, &slots, 30 * SECOND).await;
+        let cut = world.link(slots[0]).unwrap();
+        let cut_name = world.name(slots[0]).unwrap();
+        let partitioned_at = Instant::now();
+        cut.partition_until(partitioned_at + 20 * SECOND);
+        let stopped = world
+            .wait_until(3 * SECOND, |w| !w.acting().contains_key(&cut_name))
+            .await;
+        assert!(
+            stopped,
+            "the cut-off node still acts a TTL after the partition"
+        );
+        let other = world.name(slots[1]).unwrap();
+        let reformed = world
+            .wait_until(15 * SECOND, |w| {
+                w.acting().get(&other).is_some_and(|r| *r > round)
+                    && !w.acting().contains_key(&cut_name)
+            })
+            .await;
+        assert!(reformed, "the others did not re-form: {:?}", world.acting());
+        let alone = world.acting()[&other];
+        let healed = settled(&world, &slots, 40 * SECOND).await;
+        assert!(healed > alone);
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}
+
+/// Defect 7: closing must reach every node, also when the close's answer is lost (it was not
+/// retried), and nothing completes after it.
+#[test]
+fn close_with_a_lost_answer_still_closes_and_every_node_ends() {
+    run_scripted(7, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 1,
+                max_nodes: 2,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let slots = start(&mut world, 3); // two members and a spare
+        let members: Vec<usize> = world
+            .wait_until(30 * SECOND, |w| w.acting().len() == 2)
+            .await
+            .then(|| {
+                slots
+                    .iter()
+                    .copied()
+                    .filter(|s| world.acting().contains_key(&world.name(*s).unwrap()))
+                    .collect()
+            })
+            .expect("two members act");
+        let closer = members[0];
+        world
+            .link(closer)
+            .unwrap()
+            .inject(Fault::LoseResponse, 1, |t| {
+                txn_writes(t, &ends_with("/closed"))
+            });
+        world.close(closer);
+        let all_ended = world.wait_until(10 * SECOND, |w| w.live().is_empty()).await;
+        assert!(
+            all_ended,
+            "nodes still run after the close: {:?}",
+            world.live_names()
+        );
+        assert!(rdzv_sim::world::lock(&world.checker).closed());
+        assert_no_violations(&world);
+    });
+}
+
+/// Defect 7: the last call's deadline was the writer's wall clock, so clock skew shortened or
+/// stretched it. With the writer's clock an hour ahead and a late joiner's an hour behind, a
+/// node that joins within the window is in the round, and one that joins after it is not.
+#[test]
+fn wall_clock_skew_does_not_change_the_last_call() {
+    run_scripted(8, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 1,
+                max_nodes: 4,
+                last_call: 5 * SECOND,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let a = world.add_slot();
+        world.start_skewed(a, 3_600_000);
+        tokio::time::sleep(3 * SECOND).await;
+        let b = world.add_slot();
+        world.start_skewed(b, -3_600_000);
+        let round = settled(&world, &[a, b], 10 * SECOND).await;
+        assert_eq!(round, 1);
+        let c = world.add_slot();
+        world.start_skewed(c, 0);
+        let next = settled(&world, &[a, b, c], 30 * SECOND).await;
+        assert_eq!(next, 2, "the late joiner makes the job re-form once");
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}
+
+/// The same seed replays the same run exactly: equal trace hashes.
+#[test]
+fn a_seed_replays_exactly() {
+    let a = rdzv_sim::run_seed(42);
+    let b = rdzv_sim::run_seed(42);
+    assert_eq!(a.trace, b.trace);
+    assert_eq!((a.rounds, a.checks, a.views), (b.rounds, b.checks, b.views));
+    assert!(a.passed(), "{:#?}", a.violations);
+}
