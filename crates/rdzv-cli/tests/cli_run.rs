@@ -1011,3 +1011,65 @@ fn sigterm_during_the_exit_barrier() {
         .is_ok_and(|c| c.trim() == "sleep");
     assert!(!sleeping, "B's worker survived\n{}", describe(&a, &b));
 }
+
+/// Starts agent 0 (`--node-rank 0`, so it gets group rank 0) of a `--nnodes 2:2` job, waits
+/// until it has joined, stops it (SIGSTOP), then starts agent 1, which completes the round with
+/// it and waits for rank 0's MASTER_ADDR.
+fn rank_zero_stopped_before_publishing(tag: &str) -> Job {
+    let mut job = Job::new(tag);
+    job.start(&AgentSpec::new("2:2", 1).flag("--node-rank=0"));
+    wait_until(
+        WAIT,
+        || format!("agent0 never joined\n{}", job.describe()),
+        || {
+            job.status()["waiting"]
+                .as_array()
+                .is_some_and(|w| w.len() == 1)
+        },
+    );
+    job.agents[0].signal(libc::SIGSTOP);
+    job.start(&AgentSpec::new("2:2", 1).flag("--node-rank=1"));
+    job
+}
+
+/// Defect 6: `rdzv run` waited 120 s for MASTER_ADDR, deaf to membership events, when rank 0
+/// was gone right after the round; the survivors must re-rendezvous as soon as rank 0 is lost.
+#[test]
+fn lost_rank_zero_before_master_published_makes_the_others_re_rendezvous() {
+    let mut job = rank_zero_stopped_before_publishing("run-master-lost");
+    wait_until(
+        WAIT,
+        || format!("agent1 kept waiting for MASTER_ADDR\n{}", job.describe()),
+        || {
+            job.agents[1]
+                .stderr()
+                .contains("re-rendezvous before the workers start")
+        },
+    );
+    job.agents[0].signal(libc::SIGCONT);
+    job.expect_all_exit(0);
+    let records = job.records();
+    assert_eq!(
+        records.dones_with_world(2).len(),
+        2,
+        "both workers finish together\n{}",
+        job.describe()
+    );
+    job.assert_no_worker_left();
+}
+
+/// Defect 6: SIGTERM was ignored while waiting for MASTER_ADDR.
+#[test]
+fn sigterm_while_waiting_for_the_master_address_exits_at_once() {
+    let mut job = rank_zero_stopped_before_publishing("run-master-sigterm");
+    // The round completed: agent 1 waits for MASTER_ADDR from the stopped rank 0.
+    wait_until(
+        WAIT,
+        || format!("the round never completed\n{}", job.describe()),
+        || job.status()["last_round"]["round"] == 1,
+    );
+    job.agents[1].signal(libc::SIGTERM);
+    let status = job.agents[1].wait_for_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(143), "{}", job.describe());
+    job.agents[0].signal(libc::SIGCONT);
+}

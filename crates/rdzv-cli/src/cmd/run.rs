@@ -232,14 +232,34 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(sig.exit_code()));
             }
         };
-        let master = rdzv::bootstrap::exchange_master(
+        // Rank 0 may be gone before it published: race the exchange against membership
+        // events and signals, so that the nodes re-rendezvous (or stop) instead of waiting.
+        let exchange = rdzv::bootstrap::exchange_master(
             &*info.store,
             info.rank,
             &advertised,
             Duration::from_secs(120),
-        )
-        .await
-        .context("cannot agree on MASTER_ADDR/MASTER_PORT")?;
+        );
+        let master = tokio::select! {
+            biased;
+            sig = signals.recv() => {
+                let _ = handler.shutdown().await;
+                return Ok(ExitCode::from(sig.exit_code()));
+            }
+            change = membership_change(&mut events, info.round) => match change {
+                Outcome::Closed => {
+                    eprintln!("rdzv run: the run '{run_id}' was closed by another node; stopping");
+                    let _ = handler.shutdown().await;
+                    return Ok(ExitCode::FAILURE);
+                }
+                Outcome::MembershipChanged(why) => {
+                    tracing::info!(round = info.round, "{why}: re-rendezvous before the workers start");
+                    continue;
+                }
+                _ => unreachable!("membership_change returns membership outcomes only"),
+            },
+            master = exchange => master.context("cannot agree on MASTER_ADDR/MASTER_PORT")?,
+        };
         let spec = GroupSpec {
             command: args.command.clone(),
             env: worker_env(&args, &run_id, restart_count, info.round, &master),
@@ -388,31 +408,52 @@ async fn monitor(
                 GroupState::Succeeded => return Outcome::Succeeded,
                 GroupState::Failed(f) => return Outcome::Failed(f),
             },
-            ev = events.recv() => match ev {
-                Ok(MembershipEvent::Closed) => return Outcome::Closed,
-                Ok(MembershipEvent::PeerLost { round, node_id }) if round == info.round => {
-                    return Outcome::MembershipChanged(format!("node {node_id} was lost (lease expired)"));
-                }
-                Ok(MembershipEvent::PeerLeft { round, node_id }) if round == info.round => {
-                    return Outcome::MembershipChanged(format!("node {node_id} left"));
-                }
-                Ok(MembershipEvent::NodesWaiting { round, waiting }) if round == info.round && waiting > 0 => {
-                    return Outcome::MembershipChanged(format!("{waiting} node(s) waiting to join"));
-                }
-                Ok(MembershipEvent::RoundSuperseded { round }) if round == info.round => {
-                    return Outcome::MembershipChanged("a newer round completed".into());
-                }
-                Ok(MembershipEvent::MembershipLost { round }) if round == info.round => {
-                    return Outcome::MembershipChanged("this node's lease was lost".into());
-                }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    // Events were lost: a peer loss may be among them. Restarting is safe.
-                    return Outcome::MembershipChanged(format!("{n} membership events were missed"));
-                }
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Closed) => return Outcome::Closed,
-            },
+            outcome = membership_change(events, info.round) => return outcome,
             sig = signals.recv() => return Outcome::Signal(sig),
+        }
+    }
+}
+
+/// Waits for the first membership event that ends `round` for this node: the run closed
+/// ([`Outcome::Closed`]), or a change that needs a new round ([`Outcome::MembershipChanged`],
+/// also when this node's own lease was lost: its workers must stop).
+///
+/// # Cancel safety
+/// Cancel safe: events before the relevant one are consumed and ignored.
+async fn membership_change(
+    events: &mut broadcast::Receiver<MembershipEvent>,
+    current: u64,
+) -> Outcome {
+    loop {
+        match events.recv().await {
+            Ok(MembershipEvent::Closed) => return Outcome::Closed,
+            Ok(MembershipEvent::PeerLost { round, node_id }) if round == current => {
+                return Outcome::MembershipChanged(format!(
+                    "node {node_id} was lost (lease expired)"
+                ));
+            }
+            Ok(MembershipEvent::PeerLeft { round, node_id }) if round == current => {
+                return Outcome::MembershipChanged(format!("node {node_id} left"));
+            }
+            Ok(MembershipEvent::NodesWaiting { round, waiting })
+                if round == current && waiting > 0 =>
+            {
+                return Outcome::MembershipChanged(format!("{waiting} node(s) waiting to join"));
+            }
+            Ok(MembershipEvent::RoundSuperseded { round }) if round == current => {
+                return Outcome::MembershipChanged("a newer round completed".into());
+            }
+            Ok(MembershipEvent::MembershipLost { round }) if round == current => {
+                return Outcome::MembershipChanged(
+                    "this node's lease was lost (no renewal within its TTL)".into(),
+                );
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                // Events were lost: a peer loss may be among them. Restarting is safe.
+                return Outcome::MembershipChanged(format!("{n} membership events were missed"));
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Closed) => return Outcome::Closed,
         }
     }
 }
