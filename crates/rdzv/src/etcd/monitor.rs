@@ -1,9 +1,11 @@
 //! The membership monitor: after a round completes, one watch per member reports the first
 //! change of the round as a [`MembershipEvent`] — a peer lost or left, nodes waiting for the
 //! next round, a newer round completed without this node, the run closed, this node's own
-//! lease lost — and then stops: the node must re-rendezvous, and nothing later in this round
-//! matters to it. Stopping also keeps the end of a job cheap: the members leaving one by one
-//! cost the others no events (and the `done` marker of a finished job stops them first).
+//! lease lost. After a change the node must re-rendezvous and nothing else of this round
+//! matters to it but closing (a node that does not re-rendezvous, in its exit barrier, must
+//! still learn that the run closed): the monitor then watches only the next round's control
+//! keys. This keeps the end of a job cheap: the members leaving one by one cost the others
+//! no events (and the `done` marker of a finished job stops the monitors first).
 //!
 //! The watch covers the round's join records and the next round's control keys, not the next
 //! round's joins: a node that wants the next round to start writes a `waiting` marker once,
@@ -74,18 +76,63 @@ async fn lease_lost(lost: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Watches the round until the first change, re-opening the watch after errors.
+/// Watches the round until the first change (then only for closing), re-opening the watch
+/// after errors.
 async fn watch_membership(mut args: MonitorArgs) {
     let mut backoff = Duration::from_millis(100);
     let mut state = MonitorState::default();
     loop {
-        match run(&mut args, &mut state).await {
-            Ok(()) => return,
+        let result = if state.changed {
+            watch_closing(&args, &mut state)
+                .await
+                .map(|()| Verdict::Stop)
+        } else {
+            run(&mut args, &mut state).await
+        };
+        match result {
+            Ok(Verdict::Changed) => state.changed = true,
+            Ok(_) => return,
             Err(e) => {
                 tracing::warn!(round = args.round, error = %e, "membership watch failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+/// After a change: watches only the next round's control keys, for closing (`set_closed`
+/// writes them for the open round and the one before).
+async fn watch_closing(
+    args: &MonitorArgs,
+    state: &mut MonitorState,
+) -> Result<(), RendezvousError> {
+    let prefix = args.keys.ctl_prefix(args.round + 1);
+    let mut watch = RangeWatch::open(
+        &args.client,
+        prefix.clone(),
+        super::keys::prefix_end(&prefix),
+        state.next_revision.max(args.from_revision),
+    )
+    .await?;
+    loop {
+        let closed = match watch.next().await? {
+            WatchItem::Events(events) => {
+                if let Some(last) = events.last() {
+                    state.next_revision = last.kv.mod_revision() + 1;
+                }
+                events.iter().any(|e| {
+                    e.event_type() == EventType::Put && e.kv.key().ends_with(b"/ctl/closed")
+                })
+            }
+            WatchItem::Resync { kvs, revision } => {
+                state.next_revision = revision + 1;
+                kvs.iter().any(|kv| kv.key().ends_with(b"/ctl/closed"))
+            }
+        };
+        if closed {
+            args.emit(MembershipEvent::Closed);
+            return Ok(());
         }
     }
 }
@@ -97,13 +144,19 @@ struct MonitorState {
     detached: std::collections::BTreeSet<String>,
     waiting_seen: bool,
     next_revision: i64,
+    /// A change was reported: only closing is watched for now.
+    changed: bool,
 }
 
 /// What one key change means to the monitor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
     /// Nothing to report.
     Continue,
-    /// Reported (or the job is done): stop watching.
+    /// A change was reported: from now on only closing matters (a node that does not
+    /// re-rendezvous, e.g. in its exit barrier, must still learn that the run closed).
+    Changed,
+    /// Closed, or the job is done: stop watching.
     Stop,
 }
 
@@ -163,7 +216,7 @@ impl MonitorArgs {
         } else {
             MembershipEvent::PeerLost { round, node_id }
         });
-        Ok(Verdict::Stop)
+        Ok(Verdict::Changed)
     }
 
     /// Acts on one key of the watched range, present (`deleted == false`) or gone.
@@ -196,7 +249,7 @@ impl MonitorArgs {
             }
             (false, "ctl", "final", false) => {
                 self.emit(MembershipEvent::RoundSuperseded { round });
-                return Ok(Verdict::Stop);
+                return Ok(Verdict::Changed);
             }
             // The job of this round finished (its members detach): nothing more to report.
             (false, "ctl", "done", false) => return Ok(Verdict::Stop),
@@ -207,7 +260,7 @@ impl MonitorArgs {
 }
 
 /// Watches until the first change; returns `Err` to be restarted.
-async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<(), RendezvousError> {
+async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<Verdict, RendezvousError> {
     let (start, end) = args.keys.membership_range(args.round);
     let from = if state.next_revision > 0 {
         state.next_revision
@@ -226,16 +279,16 @@ async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<(), Ren
                     // resumes at it.
                     let verdict = args.on_key(state, &key, kv.value(), deleted).await?;
                     state.next_revision = kv.mod_revision() + 1;
-                    if let Verdict::Stop = verdict {
-                        return Ok(());
+                    if verdict != Verdict::Continue {
+                        return Ok(verdict);
                     }
                 }
             }
             WatchItem::Resync { kvs, revision } => {
                 let verdict = resync(args, state, &kvs).await?;
                 state.next_revision = revision + 1;
-                if let Verdict::Stop = verdict {
-                    return Ok(());
+                if verdict != Verdict::Continue {
+                    return Ok(verdict);
                 }
             }
         }
@@ -255,7 +308,7 @@ async fn resync(
     if let Some(kv) = current.kvs().first() {
         if super::rendezvous::parse_round(kv)? > round + 1 {
             args.emit(MembershipEvent::RoundSuperseded { round });
-            return Ok(Verdict::Stop);
+            return Ok(Verdict::Changed);
         }
     }
     let mut present = std::collections::BTreeSet::new();
@@ -266,8 +319,9 @@ async fn resync(
                 present.insert(node.to_string());
             }
         }
-        if let Verdict::Stop = args.on_key(state, &key, kv.value(), false).await? {
-            return Ok(Verdict::Stop);
+        let verdict = args.on_key(state, &key, kv.value(), false).await?;
+        if verdict != Verdict::Continue {
+            return Ok(verdict);
         }
     }
     let assigns = args
@@ -281,8 +335,9 @@ async fn resync(
     for kv in assigns.kvs() {
         let node = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
         if !present.contains(&node) {
-            if let Verdict::Stop = args.peer_gone(state, &node).await? {
-                return Ok(Verdict::Stop);
+            let verdict = args.peer_gone(state, &node).await?;
+            if verdict != Verdict::Continue {
+                return Ok(verdict);
             }
         }
     }
