@@ -169,7 +169,9 @@ impl Model {
         let found = self.span_kvs(&span);
         let count = found.len() as i64;
         let limit = options.limit();
-        let more = limit > 0 && count > limit;
+        // As etcd: `more` says that the limit cut keys out of the answer (never when only
+        // the count is asked for).
+        let more = !options.count_only() && limit > 0 && count > limit;
         let kvs = if options.count_only() {
             Vec::new()
         } else {

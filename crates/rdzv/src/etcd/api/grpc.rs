@@ -310,7 +310,12 @@ fn from_get(g: &ec::GetResponse) -> GetResponse {
 }
 
 fn from_txn(t: &ec::TxnResponse) -> TxnResponse {
-    let revision = header_revision(t.header());
+    from_txn_at(t, 0)
+}
+
+/// A transaction's answer; a nested one has no header and takes its outer one's revision.
+fn from_txn_at(t: &ec::TxnResponse, outer_revision: i64) -> TxnResponse {
+    let revision = header_revision(t.header()).max(outer_revision);
     TxnResponse {
         revision,
         succeeded: t.succeeded(),
@@ -318,7 +323,11 @@ fn from_txn(t: &ec::TxnResponse) -> TxnResponse {
             .op_responses()
             .iter()
             .map(|r| match r {
-                ec::TxnOpResponse::Get(g) => TxnOpResponse::Get(from_get(g)),
+                ec::TxnOpResponse::Get(g) => {
+                    let mut g = from_get(g);
+                    g.revision = g.revision.max(revision);
+                    TxnOpResponse::Get(g)
+                }
                 ec::TxnOpResponse::Put(p) => TxnOpResponse::Put(PutResponse {
                     revision: header_revision(p.header()).max(revision),
                     prev_kv: p.prev_key().map(from_kv),
@@ -328,7 +337,7 @@ fn from_txn(t: &ec::TxnResponse) -> TxnResponse {
                     deleted: d.deleted(),
                     prev_kvs: d.prev_kvs().iter().map(from_kv).collect(),
                 }),
-                ec::TxnOpResponse::Txn(t) => TxnOpResponse::Txn(from_txn(t)),
+                ec::TxnOpResponse::Txn(t) => TxnOpResponse::Txn(from_txn_at(t, revision)),
             })
             .collect(),
     }
