@@ -4,8 +4,9 @@
 //!
 //! Scenarios (one `#[test]` each, each with its own etcd):
 //!
-//! - `agents_under_kills_stops_newcomers_and_a_spare`: SIGKILL and SIGSTOP/SIGCONT of agents,
-//!   newcomers, replacements of killed agents and one spare beyond `max_nodes`;
+//! - `agents_under_kills_stops_and_newcomers`: SIGKILL and SIGSTOP/SIGCONT of agents,
+//!   newcomers and replacements of killed agents (at most `max_nodes` live);
+//! - `agents_with_a_spare_beyond_max_nodes`: the same with one spare beyond `max_nodes`;
 //! - `agents_on_a_three_member_cluster`: the leader killed and restarted, a member SIGSTOPped
 //!   then continued, a member restarted, while agents run;
 //! - `agents_behind_fault_proxies`: a fault proxy (`common/proxy.rs`) between an agent and
@@ -69,6 +70,9 @@ const FINISH: Duration = Duration::from_secs(40);
 /// (if there is room for spares) or as not finishing.
 const AFTER_FIRST: Duration = Duration::from_secs(10);
 
+/// Bound on the live nodes forming one round after the faults stop (before the gate opens).
+const SETTLE: Duration = Duration::from_secs(20);
+
 /// Bound on a spare exiting after SIGTERM.
 const SPARE_EXIT: Duration = Duration::from_secs(10);
 
@@ -78,6 +82,7 @@ const SEED_CLUSTER: u64 = 2;
 const SEED_PROXY: u64 = 3;
 const SEED_NETNS: u64 = 4;
 const SEED_JOIN: u64 = 5;
+const SEED_SPARE: u64 = 6;
 
 // ----------------------------------------------------------------------------------------
 // Seeds and the random number generator.
@@ -433,6 +438,32 @@ impl Job {
         })
     }
 
+    /// Waits (bounded by `limit`) until the latest round holds `min(live, max_nodes)` live
+    /// nodes, all of world that size; returns the round.
+    fn settle(&mut self, limit: Duration) -> Option<u64> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let live = self.live();
+            let names = self.names(&live);
+            let want = live.len().min(self.bounds.max_nodes);
+            let (views, _) = self.views();
+            if let Some(r) = views.iter().map(|v| v.round).max() {
+                let members: Vec<&View> = views.iter().filter(|v| v.round == r).collect();
+                if members.len() == want
+                    && members
+                        .iter()
+                        .all(|v| v.world == want && names.contains(&v.node))
+                {
+                    return Some(r);
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
     fn max_round(&self) -> u64 {
         self.views().0.iter().map(|v| v.round).max().unwrap_or(0)
     }
@@ -466,6 +497,15 @@ impl Job {
     /// survivors, deals with spares, and returns the ending to check.
     fn finish(&mut self) -> Ending {
         self.continue_all();
+        // A node continued or healed just now must rejoin before the others may finish, or it
+        // would come back to a finished job (and wait alone, as torchrun's nodes would).
+        match self.settle(SETTLE) {
+            Some(r) => self.log(false, format!("settled: the live nodes are in round {r}")),
+            None => self.log(
+                false,
+                format!("not settled within {SETTLE:?}; opening the gate anyway"),
+            ),
+        }
         let must: Vec<usize> = self.live();
         std::fs::write(&self.gate, b"open").expect("open the gate");
         self.log(
@@ -674,96 +714,110 @@ enum AgentFault {
     Spare,
 }
 
-#[test]
-fn agents_under_kills_stops_newcomers_and_a_spare() {
-    for_each_seed(
-        "agents_under_kills_stops_newcomers_and_a_spare",
-        SEED_AGENTS,
-        |seed| {
-            let rt = runtime();
-            let etcd = start_etcd(&rt, EtcdServerOptions::default());
-            let place = Placement::local(&etcd.endpoint());
-            let bounds = Bounds {
-                min_nodes: 2,
-                max_nodes: 3,
-            };
-            let mut job = Job::new(
-                "agents_under_kills_stops_newcomers_and_a_spare",
-                seed,
-                bounds,
-                2,
-            );
-            let mut rng = Rng::new(seed);
-            for _ in 0..3 {
-                job.spawn(&place, "");
+/// Agents (two workers each, `--nnodes 2:3`) under SIGKILL, SIGSTOP/SIGCONT, newcomers and
+/// replacements; with `spare`, newcomers may go one beyond `max_nodes` and one schedule item
+/// brings the job to `max_nodes + 1` live agents.
+fn agents_scenario(name: &'static str, seed: u64, spare: bool) -> Summary {
+    let rt = runtime();
+    let etcd = start_etcd(&rt, EtcdServerOptions::default());
+    let place = Placement::local(&etcd.endpoint());
+    let bounds = Bounds {
+        min_nodes: 2,
+        max_nodes: 3,
+    };
+    // At most this many live agents after a newcomer or a replacement.
+    let cap = bounds.max_nodes + usize::from(spare);
+    let mut job = Job::new(name, seed, bounds, 2);
+    let mut rng = Rng::new(seed);
+    for _ in 0..3 {
+        job.spawn(&place, "");
+    }
+    let n = events(6);
+    let mut t = Duration::from_secs(2);
+    let mut items = Vec::new();
+    let spare_at = if spare { Some(rng.below(n)) } else { None };
+    for k in 0..n {
+        t += rng.secs(0.6, 1.8);
+        let fault = if spare_at == Some(k) {
+            AgentFault::Spare
+        } else {
+            match rng.weighted(&[3, 4, 2, 2]) {
+                0 => AgentFault::Kill,
+                1 => AgentFault::Stop(rng.secs(0.5, 2.0 * TTL + 1.0)),
+                2 => AgentFault::Newcomer,
+                _ => AgentFault::Replace,
             }
-            let n = events(6);
-            let mut t = Duration::from_secs(2);
-            let mut items = Vec::new();
-            let spare_at = rng.below(n);
-            for k in 0..n {
-                t += rng.secs(0.6, 1.8);
-                let fault = if k == spare_at {
-                    AgentFault::Spare
+        };
+        items.push((t, fault));
+    }
+    let start = job.started;
+    let mut replaced = 0;
+    drive(start, items, |fault, later| match fault {
+        AgentFault::Kill => {
+            let live = job.live();
+            if live.len() > 1 {
+                let i = live[rng.below(live.len())];
+                job.sigkill(i);
+            }
+        }
+        AgentFault::Stop(d) => {
+            let running = job.running();
+            if running.len() > 1 {
+                let i = running[rng.below(running.len())];
+                job.sigstop(i, d);
+                later.push((start.elapsed() + d, AgentFault::Cont(i)));
+            }
+        }
+        AgentFault::Cont(i) => job.sigcont(i),
+        AgentFault::Newcomer => {
+            if job.live().len() < cap {
+                job.spawn(&place, "newcomer");
+                job.fault_count += 1;
+            }
+        }
+        AgentFault::Replace => {
+            let killed = job.agents.iter().filter(|a| a.killed).count();
+            if killed > replaced && job.live().len() < cap {
+                replaced += 1;
+                job.spawn(&place, "replacement of a killed node");
+                job.fault_count += 1;
+            }
+        }
+        AgentFault::Spare => {
+            while job.live().len() <= bounds.max_nodes {
+                let note = if job.live().len() == bounds.max_nodes {
+                    "spare beyond max_nodes"
                 } else {
-                    match rng.weighted(&[3, 4, 2, 2]) {
-                        0 => AgentFault::Kill,
-                        1 => AgentFault::Stop(rng.secs(0.5, 2.0 * TTL + 1.0)),
-                        2 => AgentFault::Newcomer,
-                        _ => AgentFault::Replace,
-                    }
+                    "newcomer"
                 };
-                items.push((t, fault));
+                job.spawn(&place, note);
+                job.fault_count += 1;
             }
-            let start = job.started;
-            let mut replaced = 0;
-            drive(start, items, |fault, later| match fault {
-                AgentFault::Kill => {
-                    let live = job.live();
-                    if live.len() > 1 {
-                        let i = live[rng.below(live.len())];
-                        job.sigkill(i);
-                    }
-                }
-                AgentFault::Stop(d) => {
-                    let running = job.running();
-                    if running.len() > 1 {
-                        let i = running[rng.below(running.len())];
-                        job.sigstop(i, d);
-                        later.push((start.elapsed() + d, AgentFault::Cont(i)));
-                    }
-                }
-                AgentFault::Cont(i) => job.sigcont(i),
-                AgentFault::Newcomer => {
-                    if job.live().len() <= bounds.max_nodes {
-                        job.spawn(&place, "newcomer");
-                        job.fault_count += 1;
-                    }
-                }
-                AgentFault::Replace => {
-                    let killed = job.agents.iter().filter(|a| a.killed).count();
-                    if killed > replaced && job.live().len() <= bounds.max_nodes {
-                        replaced += 1;
-                        job.spawn(&place, "replacement of a killed node");
-                        job.fault_count += 1;
-                    }
-                }
-                AgentFault::Spare => {
-                    while job.live().len() <= bounds.max_nodes {
-                        job.spawn(&place, "spare beyond max_nodes");
-                        job.fault_count += 1;
-                    }
-                }
-            });
-            job.continue_all();
-            while job.live().len() < bounds.min_nodes {
-                job.spawn(&place, "top-up to min_nodes");
-            }
-            let summary = job.finish_and_check();
-            drop(etcd);
-            summary
-        },
+        }
+    });
+    job.continue_all();
+    while job.live().len() < bounds.min_nodes {
+        job.spawn(&place, "top-up to min_nodes");
+    }
+    let summary = job.finish_and_check();
+    drop(etcd);
+    summary
+}
+
+#[test]
+fn agents_under_kills_stops_and_newcomers() {
+    for_each_seed(
+        "agents_under_kills_stops_and_newcomers",
+        SEED_AGENTS,
+        |seed| agents_scenario("agents_under_kills_stops_and_newcomers", seed, false),
     );
+}
+
+#[test]
+fn agents_with_a_spare_beyond_max_nodes() {
+    for_each_seed("agents_with_a_spare_beyond_max_nodes", SEED_SPARE, |seed| {
+        agents_scenario("agents_with_a_spare_beyond_max_nodes", seed, true)
+    });
 }
 
 // ----------------------------------------------------------------------------------------
@@ -887,7 +941,8 @@ enum ProxyFault {
     Delay(Duration, Duration),
     Blackhole(Duration),
     Refuse(Duration),
-    Pass(usize),
+    /// End the fault of this generation on this proxy (unless a later one rules).
+    Pass(usize, u64),
 }
 
 #[test]
@@ -929,12 +984,27 @@ fn agents_behind_fault_proxies() {
             let p = rng.below(proxies.len());
             let h = proxies[p].handle();
             let until = |d: Duration| start.elapsed() + d;
+            // A fault with a duration: set it, log it, and schedule its end.
+            let mut timed = |job: &mut Job, f: proxy::Fault, d: Duration, what: String| {
+                let g = h.set(f);
+                job.log(
+                    true,
+                    format!("proxy {p}: {what} for {:.2}s", d.as_secs_f64()),
+                );
+                later.push((until(d), ProxyFault::Pass(p, g)));
+            };
             match fault {
-                ProxyFault::Stall(d) => {
-                    h.stall();
-                    job.log(true, format!("proxy {p}: stall {:.2}s", d.as_secs_f64()));
-                    later.push((until(d), ProxyFault::Pass(p)));
+                ProxyFault::Stall(d) => timed(&mut job, proxy::Fault::Stall, d, "stall".into()),
+                ProxyFault::Delay(each, d) => timed(
+                    &mut job,
+                    proxy::Fault::Delay(each),
+                    d,
+                    format!("delay {:.0}ms per chunk", each.as_secs_f64() * 1000.0),
+                ),
+                ProxyFault::Blackhole(d) => {
+                    timed(&mut job, proxy::Fault::Blackhole, d, "blackhole".into())
                 }
+                ProxyFault::Refuse(d) => timed(&mut job, proxy::Fault::Refuse, d, "refuse".into()),
                 ProxyFault::LoseResponses(w) => {
                     h.lose_responses(w);
                     job.log(
@@ -946,36 +1016,9 @@ fn agents_behind_fault_proxies() {
                     h.reset();
                     job.log(true, format!("proxy {p}: reset connections"));
                 }
-                ProxyFault::Delay(each, d) => {
-                    h.delay(each);
-                    job.log(
-                        true,
-                        format!(
-                            "proxy {p}: delay {:.0}ms per chunk for {:.2}s",
-                            each.as_secs_f64() * 1000.0,
-                            d.as_secs_f64()
-                        ),
-                    );
-                    later.push((until(d), ProxyFault::Pass(p)));
-                }
-                ProxyFault::Blackhole(d) => {
-                    h.blackhole();
-                    job.log(
-                        true,
-                        format!("proxy {p}: blackhole {:.2}s", d.as_secs_f64()),
-                    );
-                    later.push((until(d), ProxyFault::Pass(p)));
-                }
-                ProxyFault::Refuse(d) => {
-                    h.refuse();
-                    job.log(true, format!("proxy {p}: refuse {:.2}s", d.as_secs_f64()));
-                    later.push((until(d), ProxyFault::Pass(p)));
-                }
-                ProxyFault::Pass(q) => {
-                    let h = proxies[q].handle();
+                ProxyFault::Pass(q, g) => {
                     // Only end the fault this item was scheduled for (a later one may rule).
-                    if !matches!(h.fault(), proxy::Fault::Pass | proxy::Fault::LoseResponses) {
-                        h.pass();
+                    if proxies[q].pass_if(g) {
                         job.log(false, format!("proxy {q}: pass"));
                     }
                 }
@@ -1091,6 +1134,28 @@ fn agent_partitioned_in_a_network_namespace() {
                 std::thread::sleep(rng.secs(0.5, TTL));
                 ns.heal().expect("heal the partition");
                 job.log(false, format!("heal {}", job.agents[inside].name));
+                // The healed node must be back in a round with the others within the TTL
+                // plus a bounded rendezvous (the survivors see it waiting and restart).
+                let after = formed.unwrap_or(before);
+                let deadline = Instant::now() + bound;
+                let mut back = None;
+                while back.is_none() && Instant::now() < deadline {
+                    back = job.round_without(&["agent0", "agent1", "agent2"], "-", after);
+                    if back.is_none() {
+                        std::thread::sleep(POLL);
+                    }
+                }
+                match back {
+                    Some(r) => job.log(false, format!("agent0 is back in round {r}")),
+                    None => job.extra.push(Violation {
+                        invariant: "heal-rejoin",
+                        round: None,
+                        nodes: vec!["agent0".into()],
+                        message: format!(
+                            "the healed agent0 was not in a round with agent1 and agent2 within {bound:?} of the heal"
+                        ),
+                    }),
+                }
             }
             let summary = job.finish_and_check();
             drop(etcd);

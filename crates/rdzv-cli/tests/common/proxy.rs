@@ -179,6 +179,22 @@ impl ProxyHandle {
         self.change(fault, false)
     }
 
+    /// The generation of the fault in force (bumped by every change).
+    pub fn generation(&self) -> u64 {
+        self.shared.fault.borrow().generation
+    }
+
+    /// Goes back to [`Fault::Pass`] if the fault in force is still the one of `generation`
+    /// (as returned by [`set`](Self::set)); returns whether it did.
+    pub fn pass_if(&self, generation: u64) -> bool {
+        if self.generation() == generation {
+            self.pass();
+            true
+        } else {
+            false
+        }
+    }
+
     fn change(&self, fault: Fault, reset: bool) -> u64 {
         let mut generation = 0;
         self.shared.fault.send_modify(|state| {
@@ -808,6 +824,18 @@ mod tests {
         let mut fresh = connect(&proxy);
         fresh.write_all(b"ok").unwrap();
         assert_eq!(read_exact(&mut fresh, 2), b"ok");
+    }
+
+    #[test]
+    fn pass_if_ends_only_its_own_fault() {
+        let echo = Echo::start();
+        let proxy = FaultProxy::start(echo.addr).unwrap();
+        let stall = proxy.set(Fault::Stall);
+        let blackhole = proxy.set(Fault::Blackhole);
+        assert!(!proxy.pass_if(stall), "a later fault rules");
+        assert_eq!(proxy.fault(), Fault::Blackhole);
+        assert!(proxy.pass_if(blackhole));
+        assert_eq!(proxy.fault(), Fault::Pass);
     }
 
     #[test]
