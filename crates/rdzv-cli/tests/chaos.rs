@@ -1171,7 +1171,10 @@ fn agent_partitioned_in_a_network_namespace() {
 #[derive(Debug, Clone, Copy)]
 enum JoinFault {
     Newcomer,
-    Kill,
+    /// SIGKILL a waiting join; if none waits, start one and kill it after this delay.
+    Kill(Duration),
+    /// SIGKILL this join if it still waits.
+    KillJoin(usize),
 }
 
 #[test]
@@ -1225,29 +1228,37 @@ fn join_barriers_with_kills_and_newcomers() {
             for _ in 0..3 {
                 spawn(&mut joins, &mut log, "");
             }
-            let n = events(10);
+            let n = events(16);
             let mut t = Duration::from_millis(500);
             let mut items = Vec::new();
             for _ in 0..n {
                 t += rng.secs(0.2, 1.2);
-                let fault = if rng.weighted(&[3, 2]) == 0 {
+                let fault = if rng.weighted(&[2, 1]) == 0 {
                     JoinFault::Newcomer
                 } else {
-                    JoinFault::Kill
+                    JoinFault::Kill(rng.secs(0.05, 1.5))
                 };
                 items.push((t, fault));
             }
-            drive(started, items, |fault, _| match fault {
+            drive(started, items, |fault, later| match fault {
                 JoinFault::Newcomer => {
                     spawn(&mut joins, &mut log, " (newcomer)");
                     faults += 1;
                 }
-                JoinFault::Kill => {
+                JoinFault::Kill(d) => {
                     let pending: Vec<usize> = (0..joins.len())
                         .filter(|&i| !joins[i].1 && joins[i].0.is_running())
                         .collect();
-                    if !pending.is_empty() {
+                    if pending.is_empty() {
+                        spawn(&mut joins, &mut log, " (newcomer, to be killed)");
+                        later.push((started.elapsed() + d, JoinFault::KillJoin(joins.len() - 1)));
+                    } else {
                         let i = pending[rng.below(pending.len())];
+                        later.push((started.elapsed(), JoinFault::KillJoin(i)));
+                    }
+                }
+                JoinFault::KillJoin(i) => {
+                    if !joins[i].1 && joins[i].0.is_running() {
                         joins[i].0.kill_now();
                         joins[i].1 = true;
                         faults += 1;
@@ -1255,6 +1266,11 @@ fn join_barriers_with_kills_and_newcomers() {
                             format!("{:>6.2}s SIGKILL join{i}", started.elapsed().as_secs_f64());
                         eprintln!("chaos join seed {seed}: {line}");
                         log.push(line);
+                    } else {
+                        log.push(format!(
+                            "{:>6.2}s join{i} already returned; not killed",
+                            started.elapsed().as_secs_f64()
+                        ));
                     }
                 }
             });
