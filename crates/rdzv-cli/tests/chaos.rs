@@ -21,8 +21,9 @@
 //! process is continued, the gate opens and the survivors must finish within a bound. Then the
 //! checker runs: per round, unique group ranks in `0..W` (exactly `0..W` when every member
 //! reported), one `W` and one master, `min_nodes <= W <= max_nodes`; per node, strictly
-//! increasing rounds; and progress (the final round complete, all its workers done, every
-//! survivor finished, a spare beyond `max_nodes` excepted).
+//! increasing rounds; progress (the final round complete, all its workers done, every
+//! survivor finished, a spare beyond `max_nodes` excepted); and a round budget (two rounds per
+//! fault or node started, plus two), which a restart storm breaks even if the job ends.
 //!
 //! Running:
 //!
@@ -53,8 +54,8 @@ use std::time::{Duration, Instant};
 use common::{kill, rdzv, rdzv_bin, run_id, worker_bin, worker_running, Proc, POLL};
 use rdzv::etcd::{EtcdCluster, EtcdServer, EtcdServerOptions};
 use views::{
-    check_progress, check_rounds, view_from_join_json, views_from_worker_records, Bounds,
-    CheckReport, Ending, View, Violation,
+    check_progress, check_round_budget, check_rounds, view_from_join_json,
+    views_from_worker_records, Bounds, CheckReport, Ending, View, Violation,
 };
 
 /// The agents' lease TTL (`keep_alive_ttl`), in seconds.
@@ -64,14 +65,14 @@ const TTL: f64 = 2.0;
 const CONF: &str = "last_call_timeout=1,keep_alive_ttl=2,timeout=120";
 
 /// Bound on the survivors finishing after the faults stop and the gate opens.
-const FINISH: Duration = Duration::from_secs(40);
+const FINISH: Duration = Duration::from_secs(30);
 
 /// After the first node finished, how long the others get before the rest count as spares
 /// (if there is room for spares) or as not finishing.
 const AFTER_FIRST: Duration = Duration::from_secs(10);
 
 /// Bound on the live nodes forming one round after the faults stop (before the gate opens).
-const SETTLE: Duration = Duration::from_secs(20);
+const SETTLE: Duration = Duration::from_secs(15);
 
 /// Bound on a spare exiting after SIGTERM.
 const SPARE_EXIT: Duration = Duration::from_secs(10);
@@ -626,6 +627,9 @@ impl Job {
         let (views, problems) = self.views();
         let mut report = check_rounds(&views, self.bounds);
         report.merge(check_progress(&views, &ending, true));
+        // Two rounds per fault or node started (a loss, then a rejoin), and two to start.
+        let budget = 2 * (self.fault_count + self.agents.len()) + 2;
+        report.merge(check_round_budget(&views, budget));
         report.checks += problems.len();
         report.violations.extend(problems);
         report.violations.extend(self.extra.iter().cloned());

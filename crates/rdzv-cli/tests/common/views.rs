@@ -416,6 +416,28 @@ pub fn check_rounds(views: &[View], bounds: Bounds) -> CheckReport {
     report
 }
 
+/// `round-budget`: at most `budget` distinct rounds. Every round should have a cause (a node
+/// lost, left, or waiting); a restart storm (rounds completing back to back with no change of
+/// membership, e.g. a livelock) breaks this bound even when the job finishes in the end.
+pub fn check_round_budget(views: &[View], budget: usize) -> CheckReport {
+    let rounds: BTreeSet<u64> = views.iter().map(|v| v.round).collect();
+    let mut report = CheckReport {
+        rounds: rounds.len(),
+        views: views.len(),
+        ..Default::default()
+    };
+    report.check(rounds.len() <= budget, || Violation {
+        invariant: "round-budget",
+        round: rounds.iter().next_back().copied(),
+        nodes: Vec::new(),
+        message: format!(
+            "{} rounds seen, more than the budget of {budget} for the faults injected",
+            rounds.len()
+        ),
+    });
+    report
+}
+
 /// What the end of a job must look like.
 #[derive(Debug, Clone, Default)]
 pub struct Ending {
@@ -651,6 +673,15 @@ mod tests {
         // The same round twice on one node (two separate views) is not "strictly increasing".
         v.push(View::new("b", 2, 1, 2, "10.0.0.1:99"));
         assert!(check_rounds(&v, B).has("rounds-increase"));
+    }
+
+    #[test]
+    fn a_restart_storm_breaks_the_round_budget() {
+        check_round_budget(&clean(), 2).assert_ok("two rounds, budget two");
+        let storm: Vec<View> = (1..=30).map(|r| View::new("a", r, 0, 2, M)).collect();
+        let report = check_round_budget(&storm, 10);
+        only(&report, "round-budget");
+        assert_eq!(report.violations[0].round, Some(30));
     }
 
     fn ending(must: &[&str], finished: &[&str]) -> Ending {
