@@ -15,6 +15,10 @@
 //!   an error file and exits 1 while `TORCHELASTIC_RESTART_COUNT < n` (always without `n`).
 //! - `WORKER_SLEEP_SECS=s` (+ `WORKER_SLEEP_IF_WORLD=w`): sleep `s` seconds before the
 //!   all-reduce (only if `WORLD_SIZE == w` when that is set).
+//! - `WORKER_GATE_FILE=<path>`: before the all-reduce (after any sleep), wait until `<path>`
+//!   exists (checked every 20 ms, for at most `WORKER_GATE_TIMEOUT_SECS`, 120 by default; then
+//!   exit with the all-reduce's code). The chaos tests hold every round's workers here while
+//!   they inject faults, and create the file when the job may finish.
 
 use std::fmt::Display;
 use std::fs::OpenOptions;
@@ -404,6 +408,22 @@ fn main() {
         let only_world = optional_number::<u64>("WORKER_SLEEP_IF_WORLD");
         if only_world.is_none_or(|w| w == env.world_size) {
             std::thread::sleep(Duration::from_secs_f64(secs.max(0.0)));
+        }
+    }
+
+    if let Some(gate) = var("WORKER_GATE_FILE").filter(|p| !p.is_empty()) {
+        let limit = optional_number::<f64>("WORKER_GATE_TIMEOUT_SECS").unwrap_or(120.0);
+        let deadline = Instant::now() + Duration::from_secs_f64(limit.max(0.0));
+        // A file is the only signal the test can give a worker it did not start: poll it,
+        // bounded by the deadline.
+        while !std::path::Path::new(&gate).exists() {
+            if Instant::now() >= deadline {
+                fail(
+                    EXIT_ALLREDUCE,
+                    format!("the gate file {gate} did not appear within {limit} s"),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

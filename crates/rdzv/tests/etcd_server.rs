@@ -157,6 +157,56 @@ async fn extra_args_reach_etcd() {
     );
 }
 
+/// A client of `host:port` can put and get a key.
+async fn answers_at(host: &str, port: u16) -> Result<(), String> {
+    let url = format!("http://{host}:{port}");
+    let mut client = tokio::time::timeout(
+        Duration::from_secs(5),
+        etcd_client::Client::connect([url.as_str()], None),
+    )
+    .await
+    .map_err(|_| format!("connect to {url} timed out"))?
+    .map_err(|e| format!("connect to {url}: {e}"))?;
+    tokio::time::timeout(Duration::from_secs(5), client.put("k", host, None))
+        .await
+        .map_err(|_| format!("put via {url} timed out"))?
+        .map_err(|e| format!("put via {url}: {e}"))?;
+    Ok(())
+}
+
+/// `listen_host` adds a client listener on another address (here a second loopback address,
+/// as a veth address would be), and an unspecified address listens on every interface; the
+/// advertised endpoint stays on 127.0.0.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_host_adds_a_client_address() {
+    let extra: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let server = EtcdServer::start_with(EtcdServerOptions {
+        ready_timeout: WAIT,
+        listen_host: Some(extra),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+    assert_eq!(server.endpoint(), format!("127.0.0.1:{}", server.port()));
+    answers_at("127.0.0.1", server.port()).await.unwrap();
+    answers_at("127.0.0.2", server.port()).await.unwrap();
+    // Not on every address: 127.0.0.3 is not listened on.
+    assert!(
+        answers_at("127.0.0.3", server.port()).await.is_err(),
+        "etcd must listen on 127.0.0.1 and 127.0.0.2 only"
+    );
+
+    let all = EtcdServer::start_with(EtcdServerOptions {
+        ready_timeout: WAIT,
+        listen_host: Some("0.0.0.0".parse().unwrap()),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("cannot start etcd on 0.0.0.0: {e}"));
+    answers_at("127.0.0.1", all.port()).await.unwrap();
+    answers_at("127.0.0.3", all.port()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_extra_args_give_the_log_tail() {
     let err = EtcdServer::start_with(EtcdServerOptions {

@@ -193,6 +193,15 @@ pub struct EtcdServerOptions {
     pub binary: Option<PathBuf>,
     /// TLS on the client URLs; `None` (the default) serves plain HTTP.
     pub tls: Option<EtcdTls>,
+    /// A further address on which etcd accepts clients, on the same port as the loopback
+    /// client URL; `None` (the default) listens on 127.0.0.1 only. An unspecified address
+    /// (`0.0.0.0` or `::`) listens on every interface, including ones created later, and then
+    /// replaces the loopback URL (the two could not both be bound). The advertised client URL
+    /// and [`EtcdServer::endpoint`] stay `127.0.0.1:<port>`; clients elsewhere (e.g. in a
+    /// network namespace behind a veth pair, as the chaos tests do) connect to
+    /// `<listen_host>:<port>`. etcd's `--listen-client-urls` cannot be overridden through
+    /// [`extra_args`](Self::extra_args), since the port is chosen at start.
+    pub listen_host: Option<std::net::IpAddr>,
 }
 
 /// TLS for the client URLs of an [`EtcdServer`] or [`EtcdCluster`] (peer URLs stay plain
@@ -241,6 +250,7 @@ impl Default for EtcdServerOptions {
             extra_args: Vec::new(),
             binary: None,
             tls: None,
+            listen_host: None,
         }
     }
 }
@@ -413,6 +423,8 @@ struct MemberSpec {
     election_ms: u32,
     /// TLS on the client URL.
     tls: Option<EtcdTls>,
+    /// [`EtcdServerOptions::listen_host`].
+    listen_host: Option<std::net::IpAddr>,
 }
 
 impl MemberSpec {
@@ -429,6 +441,7 @@ impl MemberSpec {
             heartbeat_ms: 100,
             election_ms: 1000,
             tls: None,
+            listen_host: None,
         }
     }
 
@@ -438,6 +451,24 @@ impl MemberSpec {
 
     fn client_url(&self) -> String {
         client_url(self.client_port, self.tls.as_ref())
+    }
+
+    /// etcd's `--listen-client-urls`: the loopback client URL, plus (or, for an unspecified
+    /// address, instead) one on [`listen_host`](Self::listen_host).
+    fn listen_client_urls(&self) -> String {
+        let Some(host) = self.listen_host else {
+            return self.client_url();
+        };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let extra = format!(
+            "{scheme}://{}",
+            std::net::SocketAddr::new(host, self.client_port)
+        );
+        if host.is_unspecified() {
+            extra
+        } else {
+            format!("{},{extra}", self.client_url())
+        }
     }
 
     /// Spawns etcd; `existing` restarts a member on its existing data dir.
@@ -465,7 +496,7 @@ impl MemberSpec {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen-client-urls")
-            .arg(&client_url)
+            .arg(self.listen_client_urls())
             .arg("--advertise-client-urls")
             .arg(&client_url)
             .arg("--listen-peer-urls")
@@ -847,6 +878,7 @@ impl EtcdServer {
                 heartbeat_ms: 10,
                 election_ms: 100,
                 tls: options.tls.clone(),
+                listen_host: options.listen_host,
                 ..MemberSpec::new(
                     "rdzv".to_owned(),
                     temp_dir.path().to_path_buf(),
@@ -1076,6 +1108,7 @@ impl EtcdCluster {
                     heartbeat_ms: 50,
                     election_ms: 500,
                     tls: options.tls.clone(),
+                    listen_host: options.listen_host,
                     ..MemberSpec::new(format!("m{i}"), base_dir, ports[2 * i], ports[2 * i + 1])
                 };
                 let proc = spec.spawn(&binary, &options.extra_args, false)?;
