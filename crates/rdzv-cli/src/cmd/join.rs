@@ -12,6 +12,7 @@ use anyhow::Context;
 use rdzv::etcd::EtcdRendezvousHandler;
 use rdzv::RendezvousHandler;
 
+use super::membership::{round_end, RoundEnd};
 use super::rdzv_args::{NodeRange, RendezvousTarget};
 
 /// Arguments of `rdzv join`.
@@ -77,16 +78,40 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
     let handler = EtcdRendezvousHandler::connect(&params)
         .await
         .context("cannot join the rendezvous")?;
-    let info = handler.next_rendezvous().await?;
+    let mut events = handler
+        .subscribe()
+        .context("the etcd handler pushes events")?;
     let addr = handler
         .node_record()
         .addrs
         .first()
         .cloned()
         .unwrap_or_else(|| "127.0.0.1".into());
-    let master =
-        rdzv::bootstrap::exchange_master(&*info.store, info.rank, &addr, Duration::from_secs(60))
-            .await?;
+    // A peer lost before rank 0 published MASTER_ADDR makes the round useless: join again.
+    let (info, master) = loop {
+        let info = handler.next_rendezvous().await?;
+        let exchange = rdzv::bootstrap::exchange_master(
+            &*info.store,
+            info.rank,
+            &addr,
+            Duration::from_secs(60),
+        );
+        tokio::select! {
+            biased;
+            end = round_end(&mut events, info.round, false) => match end {
+                RoundEnd::Closed => {
+                    return Err(anyhow::anyhow!(
+                        "the run '{}' was closed before the round could be used",
+                        handler.run_id()
+                    ));
+                }
+                RoundEnd::Changed(why) => {
+                    tracing::info!(round = info.round, "{why}: joining again");
+                }
+            },
+            master = exchange => break (info, master?),
+        }
+    };
     let out = if args.json {
         serde_json::json!({
             "rank": info.rank,

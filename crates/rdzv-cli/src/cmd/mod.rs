@@ -4,6 +4,7 @@ pub mod bench;
 pub mod close;
 pub mod etcd;
 pub mod join;
+pub mod membership;
 pub mod rdzv_args;
 pub mod run;
 pub mod signals;

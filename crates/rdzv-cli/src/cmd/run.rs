@@ -16,6 +16,7 @@ use rdzv::etcd::{EtcdRendezvousHandler, EtcdServer};
 use rdzv::{MembershipEvent, RendezvousHandler, RendezvousInfo, Store};
 use tokio::sync::broadcast;
 
+use super::membership::{round_end, RoundEnd};
 use super::rdzv_args::{NodeRange, RendezvousTarget};
 use super::signals::{Termination, TerminationSignals};
 use super::workers::{error_file_message, Failure, GroupSpec, GroupState, Streams, WorkerGroup};
@@ -414,47 +415,14 @@ async fn monitor(
     }
 }
 
-/// Waits for the first membership event that ends `round` for this node: the run closed
-/// ([`Outcome::Closed`]), or a change that needs a new round ([`Outcome::MembershipChanged`],
-/// also when this node's own lease was lost: its workers must stop).
-///
-/// # Cancel safety
-/// Cancel safe: events before the relevant one are consumed and ignored.
+/// [`round_end`] as an [`Outcome`].
 async fn membership_change(
     events: &mut broadcast::Receiver<MembershipEvent>,
     current: u64,
 ) -> Outcome {
-    loop {
-        match events.recv().await {
-            Ok(MembershipEvent::Closed) => return Outcome::Closed,
-            Ok(MembershipEvent::PeerLost { round, node_id }) if round == current => {
-                return Outcome::MembershipChanged(format!(
-                    "node {node_id} was lost (lease expired)"
-                ));
-            }
-            Ok(MembershipEvent::PeerLeft { round, node_id }) if round == current => {
-                return Outcome::MembershipChanged(format!("node {node_id} left"));
-            }
-            Ok(MembershipEvent::NodesWaiting { round, waiting })
-                if round == current && waiting > 0 =>
-            {
-                return Outcome::MembershipChanged(format!("{waiting} node(s) waiting to join"));
-            }
-            Ok(MembershipEvent::RoundSuperseded { round }) if round == current => {
-                return Outcome::MembershipChanged("a newer round completed".into());
-            }
-            Ok(MembershipEvent::MembershipLost { round }) if round == current => {
-                return Outcome::MembershipChanged(
-                    "this node's lease was lost (no renewal within its TTL)".into(),
-                );
-            }
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                // Events were lost: a peer loss may be among them. Restarting is safe.
-                return Outcome::MembershipChanged(format!("{n} membership events were missed"));
-            }
-            Ok(_) => {}
-            Err(broadcast::error::RecvError::Closed) => return Outcome::Closed,
-        }
+    match round_end(events, current, true).await {
+        RoundEnd::Closed => Outcome::Closed,
+        RoundEnd::Changed(why) => Outcome::MembershipChanged(why),
     }
 }
 
