@@ -31,7 +31,13 @@
 //!   `next_rendezvous`. Measured: from that call until all N, the members reacting to
 //!   `NodesWaiting`, are ranked.
 //!
-//! In these three, the event comes 0.5 s after the first round, when the members' membership
+//! - `last-call`: N nodes (min = 1, max = N + 1, so max is never reached) form one round that
+//!   waits out its last call (`--last-call`, 30 s when 0): what waiting costs.
+//! - `exit`: N nodes form a round, then all detach at once, as `rdzv run` does after its exit
+//!   barrier. Measured: from the first detach until all are done (and the watches settled):
+//!   what the end of a job costs.
+//!
+//! In `kill`, `leave` and `scale-up`, the event comes 0.5 s after the first round, when the members' membership
 //! watches are caught up (steady state). A member whose event channel overflowed (`Lagged`)
 //! reacts as to an event.
 //!
@@ -88,6 +94,12 @@ pub enum Scenario {
     Leave,
     /// One node joins a complete round of N-1; all N form a new round.
     ScaleUp,
+    /// N nodes (min 1, max N+1) form one round that waits out its whole last call
+    /// (`--last-call`, 30 s if 0).
+    LastCall,
+    /// N nodes form a round, then the whole job ends: all detach at once (as `rdzv run` after
+    /// its exit barrier). Measured: the teardown.
+    Exit,
 }
 
 impl Scenario {
@@ -97,6 +109,8 @@ impl Scenario {
             Scenario::Kill => "kill",
             Scenario::Leave => "leave",
             Scenario::ScaleUp => "scale-up",
+            Scenario::LastCall => "last-call",
+            Scenario::Exit => "exit",
         }
     }
 }
@@ -116,7 +130,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "K")]
     connections: Option<usize>,
 
-    /// Scenario(s): full, kill, leave, scale-up (repeat the flag or separate with commas).
+    /// Scenario(s): full, kill, leave, scale-up, last-call, exit (repeat the flag or separate
+    /// with commas).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "full")]
     scenario: Vec<Scenario>,
 
@@ -194,7 +209,11 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
     );
     for &n in &args.nodes {
         ensure!(n >= 1, "job sizes must be at least 1");
-        if args.scenario.iter().any(|s| *s != Scenario::Full) {
+        if args
+            .scenario
+            .iter()
+            .any(|s| matches!(s, Scenario::Kill | Scenario::Leave | Scenario::ScaleUp))
+        {
             ensure!(
                 n >= 2,
                 "the kill, leave and scale-up scenarios need at least 2 nodes (got {n})"

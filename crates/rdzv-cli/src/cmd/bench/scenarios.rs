@@ -278,6 +278,15 @@ pub(super) async fn measure(ctx: &Ctx, scenario: Scenario, n: usize) -> anyhow::
         Scenario::Kill => measure_departure(ctx, n, true).await,
         Scenario::Leave => measure_departure(ctx, n, false).await,
         Scenario::ScaleUp => measure_scale_up(ctx, n).await,
+        Scenario::LastCall => {
+            let last_call = if ctx.last_call > 0.0 {
+                ctx.last_call
+            } else {
+                DEFAULT_LAST_CALL_S
+            };
+            measure_one_round(ctx, n, Scenario::LastCall, 1, n + 1, last_call).await
+        }
+        Scenario::Exit => measure_exit(ctx, n).await,
     }
 }
 
@@ -373,11 +382,27 @@ impl Measured<'_> {
     }
 }
 
+/// The last call of the `last-call` scenario when `--last-call` is 0.
+pub(super) const DEFAULT_LAST_CALL_S: f64 = 30.0;
+
 pub(super) async fn measure_full(ctx: &Ctx, n: usize) -> anyhow::Result<Report> {
-    let run_id = fresh_run_id(ctx, Scenario::Full, n);
-    let params = params_for(ctx, &run_id, n, n, 0.0)?;
+    measure_one_round(ctx, n, Scenario::Full, n, n, 0.0).await
+}
+
+/// N nodes, all starting together, form one round with these bounds.
+pub(super) async fn measure_one_round(
+    ctx: &Ctx,
+    n: usize,
+    scenario: Scenario,
+    min: usize,
+    max: usize,
+    last_call: f64,
+) -> anyhow::Result<Report> {
+    let name = scenario.name();
+    let run_id = fresh_run_id(ctx, scenario, n);
+    let params = params_for(ctx, &run_id, min, max, last_call)?;
     let k = ctx.connections.unwrap_or(n).min(n);
-    let group = Group::create(ctx, &params, n, k, &format!("full N={n}: setting up")).await?;
+    let group = Group::create(ctx, &params, n, k, &format!("{name} N={n}: setting up")).await?;
     let result = async {
         let (go_tx, go) = watch::channel(false);
         let mut set = spawn_at_signal(&group.handlers, &go);
@@ -385,14 +410,14 @@ pub(super) async fn measure_full(ctx: &Ctx, n: usize) -> anyhow::Result<Report> 
         tokio::time::sleep(Duration::from_millis(20)).await;
         let usage = Usage::start(ctx, &group.clients);
         go_tx.send(true).context("no participant waits")?;
-        let bar = progress_bar(ctx, n, &format!("full N={n}: ranked"));
+        let bar = progress_bar(ctx, n, &format!("{name} N={n}: ranked"));
         let results = collect(&mut set, ctx.round_timeout + Duration::from_secs(5), &bar).await?;
         Measured {
             ctx,
-            scenario: Scenario::Full,
+            scenario,
             n,
             group: &group,
-            last_call_s: 0.0,
+            last_call_s: last_call,
             usage,
             trigger: None,
             results,
@@ -674,6 +699,64 @@ pub(super) async fn measure_scale_up(ctx: &Ctx, n: usize) -> anyhow::Result<Repo
             trigger: Some(trigger),
             results,
             reacting: (0..members).collect(),
+        }
+        .finish()
+        .await
+    }
+    .await;
+    group.shutdown().await;
+    result
+}
+
+/// `exit`: a full round, then every node detaches at once; measured: the teardown.
+pub(super) async fn measure_exit(ctx: &Ctx, n: usize) -> anyhow::Result<Report> {
+    let run_id = fresh_run_id(ctx, Scenario::Exit, n);
+    let params = params_for(ctx, &run_id, n, n, 0.0)?;
+    let k = ctx.connections.unwrap_or(n).min(n);
+    let group = Group::create(ctx, &params, n, k, &format!("exit N={n}: setting up")).await?;
+    let result = async {
+        let before_round = sum_stats(&group.clients);
+        let (go_tx, go) = watch::channel(false);
+        let mut set = spawn_at_signal(&group.handlers, &go);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        go_tx.send(true).context("no participant waits")?;
+        let bar = progress_bar(ctx, n, &format!("exit N={n}: round"));
+        let round = collect(&mut set, ctx.round_timeout + Duration::from_secs(5), &bar).await?;
+        check_ranks(&round, n).context("the round")?;
+        settle_watches(&group.clients, &before_round, 2 * n as u64).await;
+        tokio::time::sleep(QUIESCE).await;
+        let usage = Usage::start(ctx, &group.clients);
+        let trigger = Instant::now();
+        let mut detaching = JoinSet::new();
+        for (i, h) in group.handlers.iter().enumerate() {
+            let h = h.clone();
+            let r = round.iter().find(|r| r.node == i).cloned();
+            detaching.spawn(async move {
+                let start = Instant::now();
+                h.detach().await.context("detach")?;
+                let r = r.context("a participant without a round")?;
+                anyhow::Ok(NodeResult {
+                    node: i,
+                    start,
+                    end: Instant::now(),
+                    ..r
+                })
+            });
+        }
+        let bar = progress_bar(ctx, n, &format!("exit N={n}: detached"));
+        let results = collect(&mut detaching, ctx.round_timeout, &bar).await?;
+        // Let the events of the teardown arrive before counting them.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Measured {
+            ctx,
+            scenario: Scenario::Exit,
+            n,
+            group: &group,
+            last_call_s: 0.0,
+            usage,
+            trigger: Some(trigger),
+            results,
+            reacting: Vec::new(),
         }
         .finish()
         .await
