@@ -48,7 +48,7 @@ mod proxy;
 mod views;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{kill, rdzv, rdzv_bin, run_id, worker_bin, worker_running, Proc, POLL};
@@ -1400,4 +1400,70 @@ fn seeds_come_from_the_environment_or_the_default() {
             assert_eq!(seeds(17), vec![17]);
         }
     }
+}
+
+/// The worker pids an agent's record file names (`pid=P`), for rounds of `world` nodes.
+fn worker_pids(record: &Path, world: usize) -> Vec<u32> {
+    std::fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("rank=") && l.contains(&format!(" world={world} ")))
+        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("pid=")))
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Defect 5 (no fence for a node cut off from etcd): an agent whose connection to etcd hangs
+/// kept its rank and its workers for as long as the hang lasted (23 s with a 3 s TTL), while
+/// the others re-formed without it. Its workers must stop within its TTL (plus its grace
+/// period), long before the connection comes back.
+#[test]
+fn an_agent_cut_off_from_etcd_stops_its_workers_within_its_ttl() {
+    let rt = runtime();
+    let etcd = start_etcd(&rt, EtcdServerOptions::default());
+    let upstream: SocketAddr = etcd.endpoint().parse().expect("etcd endpoint is host:port");
+    let cut = proxy::FaultProxy::start(upstream).expect("start a fault proxy");
+    let bounds = Bounds {
+        min_nodes: 1,
+        max_nodes: 2,
+    };
+    let mut job = Job::new("fence", 0, bounds, 1);
+    let behind = job.spawn(&Placement::local(&cut.endpoint()), "via the proxy");
+    job.spawn(&Placement::local(&etcd.endpoint()), "direct");
+    let record = job.agents[behind].record.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pids = loop {
+        let pids = worker_pids(&record, 2);
+        if !pids.is_empty() {
+            break pids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the two agents never ran a round of two"
+        );
+        std::thread::sleep(POLL);
+    };
+    assert!(pids.iter().all(|p| worker_running(*p)));
+    // The connection hangs (bytes held both ways, the TCP connection stays up) for longer
+    // than the test waits.
+    let hang = cut.handle().set(proxy::Fault::Stall);
+    let cut_at = Instant::now();
+    job.log(true, "proxy: stall (indefinitely)");
+    // Within the TTL the agent fences itself; then its workers get their grace period.
+    let bound = Duration::from_secs_f64(TTL) + Duration::from_secs(1) + Duration::from_secs(3);
+    while pids.iter().any(|p| worker_running(*p)) {
+        assert!(
+            cut_at.elapsed() < bound,
+            "the cut-off agent's workers {pids:?} still run {:.1}s after its connection hung \
+             (TTL {TTL}s)",
+            cut_at.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(POLL);
+    }
+    let stopped_after = cut_at.elapsed();
+    eprintln!(
+        "the cut-off agent's workers stopped {:.2}s after its connection hung",
+        stopped_after.as_secs_f64()
+    );
+    cut.handle().pass_if(hang);
 }
