@@ -1,11 +1,11 @@
 //! The membership monitor: after a round completes, one watch per member reports the first
 //! change of the round as a [`MembershipEvent`] — a peer lost or left, nodes waiting for the
 //! next round, a newer round completed without this node, the run closed, this node's own
-//! lease lost. After a change the node must re-rendezvous and nothing else of this round
-//! matters to it but closing (a node that does not re-rendezvous, in its exit barrier, must
-//! still learn that the run closed): the monitor then watches only the next round's control
-//! keys. This keeps the end of a job cheap: the members leaving one by one cost the others
-//! no events (and the `done` marker of a finished job stops the monitors first).
+//! lease lost. After a change the node must re-rendezvous (which stops the monitor) and
+//! nothing else of this round matters to it but closing (a node that does not re-rendezvous,
+//! in its exit barrier, must still learn that the run closed): the monitor then reports only
+//! that, until the `done` marker of a finished job stops it. The marker also keeps the end of
+//! a job cheap: the members leaving one by one cost the others no events.
 //!
 //! The watch covers the round's join records and the next round's control keys, not the next
 //! round's joins: a node that wants the next round to start writes a `waiting` marker once,
@@ -76,63 +76,19 @@ async fn lease_lost(lost: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Watches the round until the first change (then only for closing), re-opening the watch
-/// after errors.
+/// Watches the round until closing or the job's end (reporting only the first change),
+/// re-opening the watch after errors.
 async fn watch_membership(mut args: MonitorArgs) {
     let mut backoff = Duration::from_millis(100);
     let mut state = MonitorState::default();
     loop {
-        let result = if state.changed {
-            watch_closing(&args, &mut state)
-                .await
-                .map(|()| Verdict::Stop)
-        } else {
-            run(&mut args, &mut state).await
-        };
-        match result {
-            Ok(Verdict::Changed) => state.changed = true,
+        match run(&mut args, &mut state).await {
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(round = args.round, error = %e, "membership watch failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-        }
-    }
-}
-
-/// After a change: watches only the next round's control keys, for closing (`set_closed`
-/// writes them for the open round and the one before).
-async fn watch_closing(
-    args: &MonitorArgs,
-    state: &mut MonitorState,
-) -> Result<(), RendezvousError> {
-    let prefix = args.keys.ctl_prefix(args.round + 1);
-    let mut watch = RangeWatch::open(
-        &args.client,
-        prefix.clone(),
-        super::keys::prefix_end(&prefix),
-        state.next_revision.max(args.from_revision),
-    )
-    .await?;
-    loop {
-        let closed = match watch.next().await? {
-            WatchItem::Events(events) => {
-                if let Some(last) = events.last() {
-                    state.next_revision = last.kv.mod_revision() + 1;
-                }
-                events.iter().any(|e| {
-                    e.event_type() == EventType::Put && e.kv.key().ends_with(b"/ctl/closed")
-                })
-            }
-            WatchItem::Resync { kvs, revision } => {
-                state.next_revision = revision + 1;
-                kvs.iter().any(|kv| kv.key().ends_with(b"/ctl/closed"))
-            }
-        };
-        if closed {
-            args.emit(MembershipEvent::Closed);
-            return Ok(());
         }
     }
 }
@@ -231,6 +187,17 @@ impl MonitorArgs {
             return Ok(Verdict::Continue);
         };
         let round = self.round;
+        if state.changed {
+            // After the first change only closing, and the job's end, matter.
+            return Ok(match (r == round, section, name, deleted) {
+                (false, "ctl", "closed", false) => {
+                    self.emit(MembershipEvent::Closed);
+                    Verdict::Stop
+                }
+                (false, "ctl", "done", false) => Verdict::Stop,
+                _ => Verdict::Continue,
+            });
+        }
         match (r == round, section, name, deleted) {
             (true, "member", node, true) => return self.peer_gone(state, node).await,
             (true, "member", node, false) => {
@@ -279,16 +246,20 @@ async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<Verdict
                     // resumes at it.
                     let verdict = args.on_key(state, &key, kv.value(), deleted).await?;
                     state.next_revision = kv.mod_revision() + 1;
-                    if verdict != Verdict::Continue {
-                        return Ok(verdict);
+                    match verdict {
+                        Verdict::Continue => {}
+                        Verdict::Changed => state.changed = true,
+                        Verdict::Stop => return Ok(verdict),
                     }
                 }
             }
             WatchItem::Resync { kvs, revision } => {
                 let verdict = resync(args, state, &kvs).await?;
                 state.next_revision = revision + 1;
-                if verdict != Verdict::Continue {
-                    return Ok(verdict);
+                match verdict {
+                    Verdict::Continue => {}
+                    Verdict::Changed => state.changed = true,
+                    Verdict::Stop => return Ok(verdict),
                 }
             }
         }
@@ -302,15 +273,6 @@ async fn resync(
     kvs: &[KeyValue],
 ) -> Result<Verdict, RendezvousError> {
     let round = args.round;
-    // Events were lost: the run may have moved on by more than one round, whose keys (this
-    // round's among them) are then gone from the snapshot.
-    let current = args.client.get(args.keys.current(), None).await?;
-    if let Some(kv) = current.kvs().first() {
-        if super::rendezvous::parse_round(kv)? > round + 1 {
-            args.emit(MembershipEvent::RoundSuperseded { round });
-            return Ok(Verdict::Changed);
-        }
-    }
     let mut present = std::collections::BTreeSet::new();
     for kv in kvs {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
@@ -319,9 +281,23 @@ async fn resync(
                 present.insert(node.to_string());
             }
         }
-        let verdict = args.on_key(state, &key, kv.value(), false).await?;
-        if verdict != Verdict::Continue {
-            return Ok(verdict);
+        match args.on_key(state, &key, kv.value(), false).await? {
+            Verdict::Continue => {}
+            Verdict::Changed => state.changed = true,
+            Verdict::Stop => return Ok(Verdict::Stop),
+        }
+    }
+    if state.changed {
+        return Ok(Verdict::Continue);
+    }
+    // Events were lost: the run may have moved on by more than one round, whose keys (this
+    // round's among them) are then gone from the snapshot.
+    let current = args.client.get(args.keys.current(), None).await?;
+    if let Some(kv) = current.kvs().first() {
+        if super::rendezvous::parse_round(kv)? > round + 1 {
+            args.emit(MembershipEvent::RoundSuperseded { round });
+            state.changed = true;
+            return Ok(Verdict::Continue);
         }
     }
     let assigns = args
@@ -334,11 +310,9 @@ async fn resync(
     let prefix = args.keys.assign_prefix(round);
     for kv in assigns.kvs() {
         let node = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
-        if !present.contains(&node) {
-            let verdict = args.peer_gone(state, &node).await?;
-            if verdict != Verdict::Continue {
-                return Ok(verdict);
-            }
+        if !present.contains(&node) && args.peer_gone(state, &node).await? == Verdict::Changed {
+            state.changed = true;
+            break;
         }
     }
     Ok(Verdict::Continue)
