@@ -16,18 +16,8 @@ use crate::{SimReport, SimRng};
 pub struct SimConfig {
     /// Nodes the job is meant to have (population, spares included).
     pub population: usize,
-    /// `min_nodes`.
-    pub min_nodes: usize,
-    /// `max_nodes`.
-    pub max_nodes: usize,
-    /// The node lease TTL (whole seconds).
-    pub ttl_secs: u64,
-    /// `last_call_timeout`.
-    pub last_call: Duration,
-    /// Clients give up on a request after this.
-    pub request_timeout: Duration,
-    /// `max_txn_ops` of etcd and of the settings (small values force chunked finalisation).
-    pub max_txn_ops: usize,
+    /// The run's parameters (a small `max_txn_ops` forces chunked completion).
+    pub world: WorldConfig,
     /// How long faults are injected.
     pub chaos: Duration,
     /// Mean time between injected faults.
@@ -51,18 +41,24 @@ impl SimConfig {
         };
         let ttl_secs = rng.range_u64(2, 4);
         let p = |hi: f64| rng.fraction() * hi;
+        let last_call = if rng.chance(0.3) {
+            Duration::ZERO
+        } else {
+            rng.duration(Duration::from_millis(200), Duration::from_millis(2500))
+        };
+        let request_timeout = rng.duration(Duration::from_secs(1), Duration::from_secs(5));
+        let max_txn_ops = if rng.chance(0.25) { 8 } else { 128 };
         Self {
             population: max_nodes + spares,
-            min_nodes,
-            max_nodes,
-            ttl_secs,
-            last_call: if rng.chance(0.3) {
-                Duration::ZERO
-            } else {
-                rng.duration(Duration::from_millis(200), Duration::from_millis(2500))
+            world: WorldConfig {
+                min_nodes,
+                max_nodes,
+                ttl_secs,
+                last_call,
+                request_timeout,
+                max_txn_ops,
+                timeout: Duration::from_secs(120),
             },
-            request_timeout: rng.duration(Duration::from_secs(1), Duration::from_secs(5)),
-            max_txn_ops: if rng.chance(0.25) { 8 } else { 128 },
             chaos: rng.duration(Duration::from_secs(20), Duration::from_secs(60)),
             fault_interval: rng.duration(Duration::from_millis(500), Duration::from_secs(4)),
             burst: FaultRates {
@@ -83,12 +79,12 @@ impl SimConfig {
             "population {}, nodes {}..{}, ttl {} s, last call {:?}, request timeout {:?}, \
              max_txn_ops {}, chaos {:?}, a fault every ~{:?}{}",
             self.population,
-            self.min_nodes,
-            self.max_nodes,
-            self.ttl_secs,
-            self.last_call,
-            self.request_timeout,
-            self.max_txn_ops,
+            self.world.min_nodes,
+            self.world.max_nodes,
+            self.world.ttl_secs,
+            self.world.last_call,
+            self.world.request_timeout,
+            self.world.max_txn_ops,
             self.chaos,
             self.fault_interval,
             if self.close {
@@ -108,23 +104,10 @@ pub const LIVELOCK_AFTER: Duration = Duration::from_secs(60);
 /// spins without waiting) is reported as a violation after [`LIVELOCK_AFTER`] of real time;
 /// its thread is then left spinning (exit the process soon).
 pub fn run_seed(seed: u64) -> SimReport {
-    let (tx, rx) = std::sync::mpsc::channel();
     let sim_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let progress = sim_ms.clone();
-    std::thread::Builder::new()
-        .name(format!("sim-{seed}"))
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .expect("a current-thread runtime");
-            let _ = tx.send(runtime.block_on(simulate(seed, progress)));
-        })
-        .expect("a simulation thread");
-    match rx.recv_timeout(LIVELOCK_AFTER) {
-        Ok(report) => report,
-        Err(_) => {
+    crate::on_sim_thread(format!("sim-{seed}"), move || simulate(seed, progress)).unwrap_or_else(
+        || {
             let at = sim_ms.load(std::sync::atomic::Ordering::Relaxed);
             SimReport {
                 seed,
@@ -140,25 +123,14 @@ pub fn run_seed(seed: u64) -> SimReport {
                 trace: 0,
                 sim_ms: at,
             }
-        }
-    }
+        },
+    )
 }
 
 async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> SimReport {
     let rng = SimRng::new(seed);
     let cfg = SimConfig::draw(&rng);
-    let mut world = World::new(
-        &WorldConfig {
-            min_nodes: cfg.min_nodes,
-            max_nodes: cfg.max_nodes,
-            ttl_secs: cfg.ttl_secs,
-            last_call: cfg.last_call,
-            request_timeout: cfg.request_timeout,
-            max_txn_ops: cfg.max_txn_ops,
-            timeout: Duration::from_secs(120),
-        },
-        rng.clone(),
-    );
+    let mut world = World::new(&cfg.world, rng.clone());
     let etcd = world.etcd.clone();
     let checker = world.checker.clone();
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -170,7 +142,7 @@ async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> Sim
         tokio::time::sleep(rng.duration(Duration::ZERO, Duration::from_millis(1500))).await;
         world.start(slot);
     }
-    let ttl = Duration::from_secs(cfg.ttl_secs);
+    let ttl = Duration::from_secs(cfg.world.ttl_secs);
     let chaos_end = started + cfg.chaos;
     let mut burst_until = Instant::now();
     let mut closed_by_us = false;
@@ -253,11 +225,14 @@ async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> Sim
     tokio::time::sleep_until(chaos_end).await;
     let closed = lock(&checker).closed() || closed_by_us;
     world.refill(closed);
-    let stable = ttl * 2 + cfg.last_call + Duration::from_secs(5);
+    let stable = ttl * 2 + cfg.world.last_call + Duration::from_secs(5);
     // Long enough for: a lease to expire (TTL), a newcomer's gate, a last call with its
     // backups, a request timeout, and the stable window itself.
-    let settle =
-        ttl * 4 + cfg.last_call * 2 + cfg.request_timeout * 2 + stable + Duration::from_secs(10);
+    let settle = ttl * 4
+        + cfg.world.last_call * 2
+        + cfg.world.request_timeout * 2
+        + stable
+        + Duration::from_secs(10);
     tokio::time::sleep(settle).await;
     let alive = world.live_names();
     let now = etcd.now_ms();

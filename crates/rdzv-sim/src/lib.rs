@@ -39,27 +39,47 @@ where
     F: FnOnce(SimRng) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = T>,
 {
+    match on_sim_thread(format!("scenario-{seed}"), move || {
+        scenario(SimRng::new(seed))
+    }) {
+        Some(v) => v,
+        None => panic!(
+            "livelock: the scenario's simulated clock stopped for {LIVELOCK_AFTER:?} of real time \
+             (a task spins without waiting)"
+        ),
+    }
+}
+
+/// Runs the future `make` returns on a new thread, on a single-threaded runtime with a paused
+/// clock; `None` if it has not finished after [`LIVELOCK_AFTER`] of real time (its thread is
+/// then left running).
+///
+/// # Panics
+/// If the future panics.
+pub(crate) fn on_sim_thread<T, F, Fut>(name: String, make: F) -> Option<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
-        .name(format!("scenario-{seed}"))
+        .name(name)
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .start_paused(true)
                 .build()
                 .expect("a current-thread runtime");
-            let _ = tx.send(runtime.block_on(scenario(SimRng::new(seed))));
+            let _ = tx.send(runtime.block_on(make()));
         })
-        .expect("a scenario thread");
+        .expect("a simulation thread");
     match rx.recv_timeout(LIVELOCK_AFTER) {
-        Ok(v) => v,
+        Ok(v) => Some(v),
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            panic!("the scenario panicked (see above)")
+            panic!("the simulation panicked (see above)")
         }
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
-            "livelock: the scenario's simulated clock stopped for {LIVELOCK_AFTER:?} of real time \
-             (a task spins without waiting)"
-        ),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
     }
 }
 
