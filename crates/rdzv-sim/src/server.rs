@@ -127,6 +127,11 @@ impl NodeLink {
         });
     }
 
+    /// Removes every scripted fault.
+    pub fn clear_faults(&self) {
+        lock(&self.rules).clear();
+    }
+
     /// The scripted fault for `txn`, if one applies (and counts it).
     fn take_fault(&self, txn: &Txn) -> Option<Fault> {
         let mut rules = lock(&self.rules);

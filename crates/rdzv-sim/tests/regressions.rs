@@ -343,3 +343,64 @@ fn a_seed_replays_exactly() {
     assert_eq!((a.rounds, a.checks, a.views), (b.rounds, b.checks, b.views));
     assert!(a.passed(), "{:#?}", a.violations);
 }
+
+/// Found by the simulator (seed 135045 of a 50,000-seed soak): a node whose join answers were
+/// lost (the joins applied) did not know it had a record in that round; when the round
+/// completed without it, it moved on and left the record alive, so the next round's keeper
+/// counted it as a live member of the previous round and never opened the gate.
+#[test]
+fn lost_join_answers_leave_no_stale_record_that_keeps_the_gate_closed() {
+    run_scripted(9, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 1,
+                max_nodes: 1,
+                last_call: Duration::ZERO,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let a = start(&mut world, 1)[0];
+        settled(&world, &[a], 30 * SECOND).await;
+        // Two spares; the second one's joins of round 2 apply but their answers are lost.
+        let b = start(&mut world, 1)[0];
+        tokio::time::sleep(SECOND).await;
+        let d = world.add_slot();
+        let d_name = world.start(d);
+        let member_key = format!("/member/{d_name}");
+        let d_link = world.link(d).unwrap();
+        d_link.inject(Fault::LoseResponse, usize::MAX, move |t| {
+            txn_writes(t, &|k: &[u8]| {
+                String::from_utf8_lossy(k).contains("/r/000000000002/")
+                    && k.ends_with(member_key.as_bytes())
+            })
+        });
+        tokio::time::sleep(SECOND).await;
+        let c = start(&mut world, 1)[0];
+        tokio::time::sleep(5 * SECOND).await;
+        // The member leaves: round 2 completes with the first spare only; the two others move
+        // on to round 3 (one of them keeps its gate).
+        world.leave(a);
+        let round = settled(&world, &[b], 30 * SECOND).await;
+        assert_eq!(round, 2);
+        // Now the lost one hears that round 2 completed without it.
+        d_link.clear_faults();
+        tokio::time::sleep(5 * SECOND).await;
+        // Its member leaves too: one of the others must get round 3.
+        world.leave(b);
+        let (c_name, d_name) = (world.name(c).unwrap(), world.name(d).unwrap());
+        let admitted = world
+            .wait_until(30 * SECOND, |w| {
+                let acting = w.acting();
+                acting.len() == 1 && (acting.contains_key(&c_name) || acting.contains_key(&d_name))
+            })
+            .await;
+        assert!(
+            admitted,
+            "no spare admitted to round 3: {:?}",
+            world.acting()
+        );
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}

@@ -295,6 +295,9 @@ impl EtcdRendezvousHandler {
         for old in &stale {
             ops.push(TxnOp::delete(k.member(*old, me), None));
         }
+        // From now on this node may have a record in `round`, whether or not an answer
+        // arrives: if the round completes without it, its next join removes the record.
+        st.joined.insert(round);
         let txn = Txn::new()
             .when([
                 Compare::value(k.current(), CompareOp::Equal, round.to_string()),
@@ -352,7 +355,6 @@ impl EtcdRendezvousHandler {
         for old in stale {
             st.joined.remove(&old);
         }
-        st.joined.insert(round);
         let count = resp
             .put(1)
             .and_then(|p| p.prev_key())
