@@ -100,6 +100,8 @@ fn spare_beyond_max_nodes_waits_without_restarting_the_members() {
             &WorldConfig {
                 min_nodes: 1,
                 max_nodes: 2,
+                // The spare waits three times this: a spare's wait does not count.
+                timeout: 20 * SECOND,
                 ..WorldConfig::default()
             },
             rng,
@@ -107,7 +109,13 @@ fn spare_beyond_max_nodes_waits_without_restarting_the_members() {
         let members = start(&mut world, 2);
         let round = settled(&world, &members, 30 * SECOND).await;
         let spare = start(&mut world, 1)[0];
-        tokio::time::sleep(60 * SECOND).await;
+        tokio::time::sleep(30 * SECOND).await;
+        // A stall longer than a request timeout: the spare's wait fails and is retried.
+        world
+            .link(spare)
+            .unwrap()
+            .stall_until(Instant::now() + 3 * SECOND);
+        tokio::time::sleep(30 * SECOND).await;
         assert_eq!(
             world.rounds() as u64,
             round,

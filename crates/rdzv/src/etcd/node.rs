@@ -1,8 +1,6 @@
 //! Who this node is ([`NodeRecord`] of the local process: host name, addresses, a unique id)
 //! and its sources of randomness and time ([`NodeEnv`]), which the simulator replaces.
 
-use std::time::Duration;
-
 use tokio::time::Instant;
 
 use super::records::{now_ms, NodeRecord, SCHEMA_VERSION};
@@ -42,13 +40,6 @@ impl NodeEnv {
     /// Milliseconds since the Unix epoch, by this node's clock.
     pub fn now_ms(&self) -> u64 {
         self.wall_base_ms + Instant::now().duration_since(self.base).as_millis() as u64
-    }
-
-    /// The monotonic instant of a wall-clock time in milliseconds.
-    #[allow(dead_code)]
-    pub(crate) fn instant_at(&self, unix_ms: u64) -> Instant {
-        let now = self.now_ms();
-        Instant::now() + Duration::from_millis(unix_ms.saturating_sub(now))
     }
 
     /// A random number in `[0, 1)`.

@@ -445,6 +445,11 @@ impl EtcdRendezvousHandler {
         let ttl = self.settings.keep_alive_ttl;
         let mut progress = tokio::time::interval_at(Instant::now() + ttl, ttl);
         loop {
+            if w.spare {
+                // A spare's wait does not count: `timeout` runs from when its gate opens (also
+                // across a retry of the round after an error).
+                *deadline = (*deadline).max(Instant::now() + self.settings.timeout);
+            }
             if let Some(record) = view.final_record.take() {
                 return self.read_assignment(record).await.map(Step::Done);
             }
