@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use rdzv::etcd::keys::RunKeys;
-use rdzv::etcd::{read_status, ConnectionOptions, EtcdClient, RendezvousSettings};
+use rdzv::etcd::{read_status, ConnectionOptions, RendezvousSettings};
 
 use super::rdzv_args::{NodeRange, RendezvousTarget};
 
@@ -28,11 +28,10 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         .target
         .parameters(NodeRange { min: 1, max: 1 }, None, None)?;
     let settings = RendezvousSettings::from_parameters(&params)?;
-    let client = EtcdClient::new(
-        ConnectionOptions::from_parameters(&params)?
-            .connect()
-            .await?,
-    );
+    // The failover client: the diagnosis tool must work while members are down.
+    let client = ConnectionOptions::from_parameters(&params)?
+        .connect_failover(Default::default())
+        .await?;
     let keys = RunKeys::new(&settings.prefix, &params.run_id);
     let status = read_status(&client, &keys, &params.run_id).await?;
     if args.json {

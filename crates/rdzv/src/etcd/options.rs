@@ -54,6 +54,9 @@ pub struct ConnectionOptions {
     pub connect_timeout: Duration,
     /// Bound on one request.
     pub request_timeout: Duration,
+    /// The key the connect probe reads (count only): the run prefix, so that a user granted
+    /// only rdzv's prefix can connect.
+    pub probe_key: String,
 }
 
 impl std::fmt::Debug for ConnectionOptions {
@@ -67,6 +70,7 @@ impl std::fmt::Debug for ConnectionOptions {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("probe_key", &self.probe_key)
             .finish()
     }
 }
@@ -152,6 +156,10 @@ impl ConnectionOptions {
                 "request_timeout",
                 super::client::DEFAULT_REQUEST_TIMEOUT,
             )?,
+            probe_key: format!(
+                "{}/",
+                params.get_str("etcd_prefix", "/rdzv").trim_end_matches('/')
+            ),
         };
         if options.cert.is_some() != options.key.is_some() {
             return Err(bad(
@@ -244,7 +252,10 @@ impl ConnectionOptions {
             // The connection is lazy: ask something to know that etcd answers.
             client
                 .kv_client()
-                .get("/", Some(etcd_client::GetOptions::new().with_count_only()))
+                .get(
+                    self.probe_key.as_str(),
+                    Some(etcd_client::GetOptions::new().with_count_only()),
+                )
                 .await
                 .map_err(|e| super::client::map_grpc_err(&format!("talking to {described}"), e))?;
             Ok::<_, RendezvousError>(client)
@@ -258,12 +269,17 @@ impl ConnectionOptions {
         }
     }
 
-    /// Connects to every endpoint separately, for an [`EtcdClient`] that fails over between
-    /// them, and checks (within `connect_timeout`) that at least one answers and accepts us.
+    /// A client that fails over between the endpoints (see [`super::api::GrpcEtcd`]), once
+    /// one of them has answered: every endpoint is probed at once (a count-only read of
+    /// [`probe_key`](Self::probe_key)), transient errors (no leader yet, `leader changed`,
+    /// overloaded, unreachable) are retried, and the first endpoint to answer becomes the
+    /// current one, all within `connect_timeout`. Endpoints that are down or black holes
+    /// cost nothing more; they are connected again when failover reaches them.
     ///
     /// # Errors
-    /// [`RendezvousError::Connection`] if no endpoint answers in time or etcd refuses us;
-    /// [`RendezvousError::InvalidConfig`] if a TLS file cannot be read.
+    /// [`RendezvousError::Connection`] if no endpoint answers in time (with each endpoint's
+    /// last error) or etcd refuses us (wrong credentials, no permission on the prefix: at
+    /// once); [`RendezvousError::InvalidConfig`] if a TLS file cannot be read.
     ///
     /// # Cancel safety
     /// Cancel safe.
@@ -271,50 +287,42 @@ impl ConnectionOptions {
         &self,
         stats: std::sync::Arc<super::client::RequestStats>,
     ) -> Result<EtcdClient, RendezvousError> {
-        let options = self.client_options()?;
+        use futures::stream::{FuturesUnordered, StreamExt};
+
         let urls = self.urls();
         let described = urls.join(",");
-        let attempt = async {
-            let mut clients = Vec::with_capacity(urls.len());
-            let mut last_error = None;
-            for url in &urls {
-                match Client::connect([url.as_str()], Some(options.clone())).await {
-                    Ok(c) => clients.push(c),
-                    Err(e) => {
-                        tracing::warn!(endpoint = %url, error = %e, "cannot connect to this etcd endpoint");
-                        last_error = Some(super::client::map_grpc_err(
-                            &format!("connecting to {url}"),
-                            e,
-                        ));
-                    }
+        let api = super::api::GrpcEtcd::lazy(urls.clone(), self.client_options()?)
+            .with_request_timeout(self.request_timeout.min(self.connect_timeout));
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let key = self.probe_key.as_bytes();
+        let mut probes: FuturesUnordered<_> = (0..urls.len())
+            .map(|i| {
+                let api = &api;
+                async move { (i, probe_until(api, i, key, deadline).await) }
+            })
+            .collect();
+        let mut failures = Vec::new();
+        while let Some((i, outcome)) = probes.next().await {
+            match outcome {
+                Ok(()) => {
+                    api.prefer(i);
+                    drop(probes);
+                    return Ok(EtcdClient::from_api(std::sync::Arc::new(api), stats));
+                }
+                Err(e) if e.is_transient() => failures.push(format!("{}: {e}", urls[i])),
+                Err(e) => {
+                    return Err(super::client::map_api_err(
+                        &format!("connecting to {}", urls[i]),
+                        e,
+                    ))
                 }
             }
-            if clients.is_empty() {
-                return Err(last_error.unwrap_or_else(|| {
-                    RendezvousError::Connection(format!("no etcd endpoint in {described}"))
-                }));
-            }
-            let api = super::api::GrpcEtcd::new(clients).with_request_timeout(self.request_timeout);
-            let client = EtcdClient::from_api(std::sync::Arc::new(api), stats);
-            // The connections are lazy: ask something to know that etcd answers.
-            client
-                .get("/", Some(super::api::GetOptions::new().with_count_only()))
-                .await
-                .map_err(|e| match e {
-                    RendezvousError::Connection(m) => {
-                        RendezvousError::Connection(format!("talking to {described}: {m}"))
-                    }
-                    other => other,
-                })?;
-            Ok(client)
-        };
-        match tokio::time::timeout(self.connect_timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(RendezvousError::Connection(format!(
-                "etcd at {described} did not answer within {:?}",
-                self.connect_timeout
-            ))),
         }
+        Err(RendezvousError::Connection(format!(
+            "no etcd endpoint of {described} answered within {:?}: {}",
+            self.connect_timeout,
+            failures.join("; ")
+        )))
     }
 
     fn client_options(&self) -> Result<ConnectOptions, RendezvousError> {
@@ -388,6 +396,36 @@ impl RendezvousSettings {
     /// The run lease TTL in whole seconds (rounded up).
     pub fn retention_secs(&self) -> i64 {
         secs_ceil(self.retention)
+    }
+}
+
+/// Probes endpoint `index` until it answers, etcd refuses us, or `deadline`; transient errors
+/// are retried with a growing pause. Returns the last transient error at the deadline.
+async fn probe_until(
+    api: &super::api::GrpcEtcd,
+    index: usize,
+    key: &[u8],
+    deadline: tokio::time::Instant,
+) -> Result<(), super::api::ApiError> {
+    let mut pause = Duration::from_millis(50);
+    let mut last = super::api::ApiError::Unavailable("no answer".into());
+    loop {
+        match tokio::time::timeout_at(deadline, api.probe(index, key)).await {
+            Err(_) => return Err(last),
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) if e.is_transient() => {
+                tracing::debug!(endpoint = api.endpoint_url(index), error = %e, "etcd endpoint not ready; retrying");
+                last = e;
+            }
+            Ok(Err(e)) => return Err(e),
+        }
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(pause))
+            .await
+            .is_err()
+        {
+            return Err(last);
+        }
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
 }
 

@@ -8,6 +8,11 @@
 //! as [`ApiError::Unavailable`] (the request may have been applied), who decides whether the
 //! operation is safe to retry. (A single balanced channel over all endpoints keeps routing
 //! some requests to a dead member.)
+//!
+//! A connection is made on first use ([`GrpcEtcd::lazy`]), inside the request's time bound,
+//! and made again on the next use if it failed: a member that is down or a black hole when a
+//! node starts is skipped and used once it is back. A lease renewal that the caller gives up
+//! on (a hung member) also moves to the next endpoint, so the next renewal goes elsewhere.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -38,10 +43,17 @@ struct KeepAlive {
 /// The keep-alive stream of one lease, if open.
 type KeepAliveSlot = Arc<tokio::sync::Mutex<Option<KeepAlive>>>;
 
+/// One endpoint of the cluster: its URL and, once connected, its client.
+struct Member {
+    url: String,
+    client: tokio::sync::OnceCell<ec::Client>,
+}
+
 /// A real etcd cluster: one `etcd-client` connection per endpoint, with failover.
 #[derive(Clone)]
 pub struct GrpcEtcd {
-    clients: Arc<Vec<ec::Client>>,
+    members: Arc<Vec<Member>>,
+    connect_options: Option<ec::ConnectOptions>,
     current: Arc<AtomicUsize>,
     request_timeout: Duration,
     keep_alives: Arc<std::sync::Mutex<HashMap<i64, KeepAliveSlot>>>,
@@ -50,7 +62,14 @@ pub struct GrpcEtcd {
 impl std::fmt::Debug for GrpcEtcd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GrpcEtcd")
-            .field("endpoints", &self.clients.len())
+            .field(
+                "endpoints",
+                &self
+                    .members
+                    .iter()
+                    .map(|m| m.url.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .field("current", &self.current.load(Ordering::Relaxed))
             .finish()
     }
@@ -59,8 +78,36 @@ impl std::fmt::Debug for GrpcEtcd {
 impl GrpcEtcd {
     /// One connected client per endpoint (in the order failover tries them).
     pub fn new(clients: Vec<ec::Client>) -> Self {
+        let members = clients
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| Member {
+                url: format!("endpoint #{i}"),
+                client: tokio::sync::OnceCell::new_with(Some(c)),
+            })
+            .collect();
+        Self::with_members(members, None)
+    }
+
+    /// One client per endpoint URL (in the order failover tries them), each connected on first
+    /// use with `options` and, if that fails, again on the next use: an endpoint that is down
+    /// (or a black hole) when the node starts costs nothing but the bounded first attempt,
+    /// and is used once it is back.
+    pub fn lazy(urls: Vec<String>, options: ec::ConnectOptions) -> Self {
+        let members = urls
+            .into_iter()
+            .map(|url| Member {
+                url,
+                client: tokio::sync::OnceCell::new(),
+            })
+            .collect();
+        Self::with_members(members, Some(options))
+    }
+
+    fn with_members(members: Vec<Member>, connect_options: Option<ec::ConnectOptions>) -> Self {
         Self {
-            clients: Arc::new(clients),
+            members: Arc::new(members),
+            connect_options,
             current: Arc::new(AtomicUsize::new(0)),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             keep_alives: Arc::default(),
@@ -73,14 +120,74 @@ impl GrpcEtcd {
         self
     }
 
-    /// The client of the current endpoint.
-    pub fn current_client(&self) -> Option<&ec::Client> {
-        let n = self.clients.len();
-        (n > 0).then(|| &self.clients[self.current.load(Ordering::Relaxed) % n])
+    /// The bound on one request.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// The number of endpoints.
+    pub fn endpoint_count(&self) -> usize {
+        self.members.len()
+    }
+
+    /// The URL of endpoint `index` (as given to [`GrpcEtcd::lazy`]).
+    pub fn endpoint_url(&self, index: usize) -> Option<&str> {
+        self.members.get(index).map(|m| m.url.as_str())
+    }
+
+    /// Makes endpoint `index` the one requests go to first.
+    pub fn prefer(&self, index: usize) {
+        if index < self.members.len() {
+            self.current.store(index, Ordering::Relaxed);
+        }
+    }
+
+    /// The client of endpoint `index`, connecting it if needed.
+    async fn client(&self, index: usize) -> Result<ec::Client, ApiError> {
+        let member = &self.members[index];
+        member
+            .client
+            .get_or_try_init(|| async {
+                let options = self.connect_options.clone();
+                ec::Client::connect([member.url.as_str()], options)
+                    .await
+                    .map_err(map_error)
+            })
+            .await
+            .cloned()
+    }
+
+    /// Asks endpoint `index` alone (no failover) for the number of keys at `key`, within the
+    /// request timeout: does this member answer, with a leader, and accept our credentials?
+    ///
+    /// # Errors
+    /// The member's [`ApiError`]; [`ApiError::Unavailable`] if it does not answer in time.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn probe(&self, index: usize, key: &[u8]) -> Result<(), ApiError> {
+        if index >= self.members.len() {
+            return Err(ApiError::NotReached(format!("no endpoint #{index}")));
+        }
+        let attempt = async {
+            let mut client = self.client(index).await?;
+            client
+                .get(key, Some(ec::GetOptions::new().with_count_only()))
+                .await
+                .map_err(map_error)?;
+            Ok(())
+        };
+        match tokio::time::timeout(self.request_timeout, attempt).await {
+            Ok(answer) => answer,
+            Err(_) => Err(ApiError::Unavailable(format!(
+                "no answer within {:?}",
+                self.request_timeout
+            ))),
+        }
     }
 
     fn advance_from(&self, idx: usize) {
-        let n = self.clients.len();
+        let n = self.members.len();
         if n > 1 {
             self.current.store((idx + 1) % n, Ordering::Relaxed);
         }
@@ -92,7 +199,7 @@ impl GrpcEtcd {
         F: Fn(ec::Client) -> Fut,
         Fut: Future<Output = Result<T, ec::Error>>,
     {
-        let n = self.clients.len();
+        let n = self.members.len();
         if n == 0 {
             return Err(ApiError::NotReached("no etcd endpoint".into()));
         }
@@ -100,19 +207,20 @@ impl GrpcEtcd {
         let mut last = None;
         for i in 0..n {
             let idx = (start + i) % n;
-            let answer =
-                match tokio::time::timeout(self.request_timeout, op(self.clients[idx].clone()))
-                    .await
-                {
-                    Ok(answer) => answer,
-                    Err(_) => {
-                        self.advance_from(idx);
-                        return Err(ApiError::Unavailable(format!(
-                            "no answer within {:?}",
-                            self.request_timeout
-                        )));
-                    }
-                };
+            let attempt = async {
+                let client = self.client(idx).await?;
+                op(client).await.map_err(map_error)
+            };
+            let answer = match tokio::time::timeout(self.request_timeout, attempt).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    self.advance_from(idx);
+                    return Err(ApiError::Unavailable(format!(
+                        "no answer within {:?}",
+                        self.request_timeout
+                    )));
+                }
+            };
             match answer {
                 Ok(v) => {
                     if i > 0 {
@@ -120,20 +228,17 @@ impl GrpcEtcd {
                     }
                     return Ok((v, idx));
                 }
-                Err(e) => {
-                    let e = map_error(e);
-                    match e {
-                        ApiError::NotReached(_) if n > 1 => {
-                            tracing::debug!(endpoint = idx, error = %e, "endpoint unreachable; trying the next");
-                            last = Some(e);
-                        }
-                        ApiError::Unavailable(_) => {
-                            self.advance_from(idx);
-                            return Err(e);
-                        }
-                        e => return Err(e),
+                Err(e) => match e {
+                    ApiError::NotReached(_) if n > 1 => {
+                        tracing::debug!(endpoint = idx, error = %e, "endpoint unreachable; trying the next");
+                        last = Some(e);
                     }
-                }
+                    ApiError::Unavailable(_) => {
+                        self.advance_from(idx);
+                        return Err(e);
+                    }
+                    e => return Err(e),
+                },
             }
         }
         self.advance_from(start);
@@ -446,7 +551,7 @@ impl EtcdApi for GrpcEtcd {
     async fn lease_keep_alive(&self, id: i64) -> Result<i64, ApiError> {
         let slot = self.keep_alive_slot(id);
         let mut slot = slot.lock().await;
-        let current = self.current.load(Ordering::Relaxed) % self.clients.len().max(1);
+        let current = self.current.load(Ordering::Relaxed) % self.members.len().max(1);
         // A renewal cancelled by the caller (it took too long: a hung member) fails over.
         let mut guard = FailOverOnDrop {
             etcd: self,
