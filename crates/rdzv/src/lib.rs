@@ -24,6 +24,7 @@ pub mod etcd;
 pub mod handler;
 pub mod parameters;
 pub mod registry;
+pub mod secrets;
 pub mod store;
 
 pub use endpoint::{parse_endpoint, parse_endpoints, Endpoint, EndpointError};

@@ -56,6 +56,7 @@ pub enum ParameterError {
     },
 
     /// A configuration string has an item with an empty key (`=x`, `a=1,,b=2`, trailing comma).
+    /// The text is shown with secrets redacted.
     #[error(
         "the rendezvous configuration string {text:?} must be in format \
          <key1>=<value1>,...,<keyN>=<valueN> (found an item with an empty key)"
@@ -109,8 +110,9 @@ pub enum ParameterError {
 }
 
 /// The parameters of a rendezvous, as in PyTorch (`backend`, `endpoint`, `run_id`, `min_nodes`,
-/// `max_nodes`, `local_addr`, free-form configuration).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `max_nodes`, `local_addr`, free-form configuration). Its `Debug` output redacts secret
+/// configuration values (see [`crate::secrets`]).
+#[derive(Clone, PartialEq, Eq)]
 pub struct RendezvousParameters {
     /// Backend name, e.g. `etcd`.
     pub backend: String,
@@ -126,6 +128,32 @@ pub struct RendezvousParameters {
     pub local_addr: Option<String>,
     /// Free-form backend configuration.
     pub config: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for RendezvousParameters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let config: BTreeMap<&str, &str> = self
+            .config
+            .iter()
+            .map(|(k, v)| {
+                let shown = if crate::secrets::is_secret_key(k) {
+                    crate::secrets::REDACTED
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("RendezvousParameters")
+            .field("backend", &self.backend)
+            .field("endpoint", &self.endpoint)
+            .field("run_id", &self.run_id)
+            .field("min_nodes", &self.min_nodes)
+            .field("max_nodes", &self.max_nodes)
+            .field("local_addr", &self.local_addr)
+            .field("config", &config)
+            .finish()
+    }
 }
 
 impl RendezvousParameters {
@@ -393,7 +421,7 @@ pub fn parse_config(text: &str) -> Result<BTreeMap<String, String>, ParameterErr
         };
         if key.is_empty() {
             return Err(ParameterError::ConfigFormat {
-                text: text.to_string(),
+                text: crate::secrets::redact_config_text(text),
             });
         }
         if value.is_empty() {
@@ -491,6 +519,19 @@ mod tests {
         assert_eq!(p.local_addr.as_deref(), Some("10.0.0.1"));
         assert_eq!(p.get("dummy_param"), Some("x"));
         assert!(p.validate().is_ok());
+    }
+
+    /// Regression (issue 10): a malformed `--rdzv-conf` error echoed the whole string,
+    /// password included.
+    #[test]
+    fn errors_and_debug_output_redact_the_password() {
+        let err = parse_config("timeout=5,password=hunter2,,x=1").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(err.to_string().contains("timeout=5"), "{err}");
+        let p = params().with_config("password", "hunter2");
+        let debug = format!("{p:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("<redacted>"), "{debug}");
     }
 
     #[test]

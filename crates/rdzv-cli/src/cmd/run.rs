@@ -264,6 +264,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         let spec = GroupSpec {
             command: args.command.clone(),
             env: worker_env(&args, &run_id, restart_count, info.round, &master),
+            env_remove: vec![rdzv::secrets::PASSWORD_ENV.to_string()],
             nproc,
             group_rank: info.rank,
             group_world_size: info.world_size,
@@ -390,6 +391,10 @@ fn worker_env(
         "OMP_NUM_THREADS",
         std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| "1".into()),
     );
+    // The workers inherit the agent's environment, but never rdzv's credentials.
+    if let Ok(conf) = std::env::var("PET_RDZV_CONF") {
+        set("PET_RDZV_CONF", rdzv::secrets::without_secret_items(&conf));
+    }
     env
 }
 

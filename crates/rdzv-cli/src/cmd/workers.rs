@@ -56,8 +56,11 @@ impl std::str::FromStr for Streams {
 pub struct GroupSpec {
     /// The command and its arguments.
     pub command: Vec<OsString>,
-    /// Environment of every worker (rank variables are added per worker).
+    /// Environment of every worker (rank variables are added per worker), set over the
+    /// agent's own environment.
     pub env: BTreeMap<String, String>,
+    /// Variables of the agent's environment the workers must not inherit (rdzv's secrets).
+    pub env_remove: Vec<String>,
     /// Workers on this node.
     pub nproc: usize,
     /// This node's rank in the round.
@@ -212,6 +215,9 @@ impl WorkerGroup {
         let error_file = dir.join("error.json");
         let mut cmd = Command::new(&spec.command[0]);
         cmd.args(&spec.command[1..]);
+        for var in &spec.env_remove {
+            cmd.env_remove(var);
+        }
         cmd.envs(&spec.env);
         let per_worker = [
             ("LOCAL_RANK", local_rank.to_string()),

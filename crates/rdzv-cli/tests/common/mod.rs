@@ -49,6 +49,7 @@ const SCRUBBED_VARS: &[&str] = &[
     "WORKER_GATE_TIMEOUT_SECS",
     "MASTER_ADDR",
     "MASTER_PORT",
+    "RDZV_ETCD_PASSWORD",
 ];
 
 /// The `rdzv` binary under test.

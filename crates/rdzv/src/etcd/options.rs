@@ -6,7 +6,9 @@
 //! |---|---|---|
 //! | `protocol` | `http` | `http` or `https` for endpoints given without a scheme |
 //! | `cacert`, `cert`, `key` | – | PEM files for TLS (server CA; client certificate and key) |
-//! | `username`, `password` | – | etcd authentication |
+//! | `username` | – | etcd user (authentication) |
+//! | `password_file` | – | file whose first line is the user's password (recommended) |
+//! | `password` | – | the password itself: visible in `ps`, avoid (see [`crate::secrets`]) |
 //! | `connect_timeout` | `5s` | bound on connecting to etcd |
 //! | `request_timeout` | `5s` | bound on one etcd request (then the next endpoint is tried) |
 //! | `etcd_prefix` | `/rdzv` | key prefix; a run lives under `<prefix>/<run_id>/` |
@@ -17,6 +19,9 @@
 //! | `store_timeout` | `300s` | default bound on blocking store operations |
 //! | `node_rank` | – | a hint for this node's place in the first round's rank order |
 //! | `max_txn_ops` | `128` | etcd's `--max-txn-ops`: larger rank tables are written in chunks |
+//!
+//! Without `password` or `password_file`, a `username` takes its password from the environment
+//! variable `RDZV_ETCD_PASSWORD`. Workers started by `rdzv run` never get the password.
 //!
 //! Durations are seconds (`30`, `1.5`) or humantime (`30s`, `2m`).
 
@@ -116,6 +121,50 @@ fn path(params: &RendezvousParameters, key: &str) -> Option<PathBuf> {
     params.get(key).filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
+/// The etcd password: `password`, else the first line of `password_file`, else (with a
+/// `username`) the environment variable [`crate::secrets::PASSWORD_ENV`].
+fn password(params: &RendezvousParameters) -> Result<Option<String>, RendezvousError> {
+    let bad = |reason: String| RendezvousError::InvalidConfig {
+        key: "password_file".to_string(),
+        reason,
+    };
+    match (params.get("password"), path(params, "password_file")) {
+        (Some(_), Some(_)) => Err(bad(
+            "give either `password` or `password_file`, not both".into()
+        )),
+        (Some(password), None) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "the etcd password is given in the rendezvous configuration, which every \
+                     user of this machine can read (ps, /proc): use password_file=<path> or \
+                     the environment variable {} instead",
+                    crate::secrets::PASSWORD_ENV
+                );
+            });
+            Ok(Some(password.to_string()))
+        }
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| bad(format!("cannot read {}: {e}", file.display())))?;
+            let first = text.lines().next().unwrap_or("").trim_end_matches('\r');
+            if first.is_empty() {
+                return Err(bad(format!(
+                    "{} is empty: its first line must be the password",
+                    file.display()
+                )));
+            }
+            Ok(Some(first.to_string()))
+        }
+        (None, None) if params.get("username").is_some() => {
+            Ok(std::env::var(crate::secrets::PASSWORD_ENV)
+                .ok()
+                .filter(|p| !p.is_empty()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 impl ConnectionOptions {
     /// Reads the connection options from parameters.
     ///
@@ -149,7 +198,7 @@ impl ConnectionOptions {
             cert: path(params, "cert"),
             key: path(params, "key"),
             username: params.get("username").map(str::to_string),
-            password: params.get("password").map(str::to_string),
+            password: password(params)?,
             connect_timeout: duration(params, "connect_timeout", Duration::from_secs(5))?,
             request_timeout: duration(
                 params,
@@ -170,7 +219,11 @@ impl ConnectionOptions {
         if options.username.is_some() != options.password.is_some() {
             return Err(bad(
                 "username",
-                "`username` and `password` must be given together".into(),
+                format!(
+                    "`username` needs a password (`password_file`, `password` or the \
+                     environment variable {}) and a password needs a `username`",
+                    crate::secrets::PASSWORD_ENV
+                ),
             ));
         }
         if (options.cacert.is_some() || options.cert.is_some())
