@@ -91,7 +91,7 @@ fn the_password_shows_nowhere_in_a_job() {
         "last_call_timeout=1,username=node,password_file={}",
         password_file.display()
     );
-    let mut agents = vec![
+    let mut agents = [
         agent(
             0,
             &file_conf,
