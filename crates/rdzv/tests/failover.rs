@@ -220,3 +220,54 @@ async fn connect_right_after_the_leader_died_retries_until_a_new_one_is_elected(
         .expect("rendezvous after the election");
     assert_eq!((info.rank, info.world_size), (0, 1));
 }
+
+/// A member that dies while the member every node watches through is hung is still noticed:
+/// a watch stream that stays silent and does not answer a progress request is re-opened on
+/// another member. Regression (issue 10): streams that do not answer within their timeout
+/// must move to the next member too, not only requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_dies_while_the_watched_member_is_hung_is_noticed() {
+    let mut cluster = cluster().await;
+    let leader = cluster.leader().await.expect("leader");
+    let hung = (leader + 1) % cluster.member_count();
+    let endpoints = endpoints_from(&cluster, hung);
+    let p = params(&endpoints, &run_id(), 2, 3).with_config("request_timeout", "2");
+    let hs = vec![handler(&p).await, handler(&p).await, handler(&p).await];
+    let first = bounded(Duration::from_secs(30), "round 1", rendezvous_all(&hs)).await;
+    assert!(first.iter().all(|&(_, w, _)| w == 3), "{first:?}");
+    let mut receivers: Vec<_> = hs[..2]
+        .iter()
+        .map(|h| h.subscribe().expect("events"))
+        .collect();
+    cluster
+        .stop_member(hung)
+        .expect("SIGSTOP the watched member");
+    let victim = hs[2].node_id().to_string();
+    let mut hs = hs;
+    // A crash: no goodbye, its lease expires after the TTL.
+    drop(hs.pop());
+    // TTL, then two request timeouts of silence before the progress probe, one for its
+    // answer, and slack for a loaded machine.
+    let limit = TTL + 3 * Duration::from_secs(2) + Duration::from_secs(5);
+    for (i, rx) in receivers.iter_mut().enumerate() {
+        let e = wait_event(
+            rx,
+            limit,
+            &format!("node {i} noticing the dead peer"),
+            |e| matches!(e, MembershipEvent::PeerLost { .. }),
+        )
+        .await;
+        assert!(
+            matches!(&e, MembershipEvent::PeerLost { node_id, .. } if *node_id == victim),
+            "{e:?}"
+        );
+    }
+    let second = bounded(
+        Duration::from_secs(60),
+        "round 2 of the survivors",
+        rendezvous_all(&hs),
+    )
+    .await;
+    cluster.cont_member(hung).expect("SIGCONT");
+    assert!(second.iter().all(|&(_, w, _)| w == 2), "{second:?}");
+}

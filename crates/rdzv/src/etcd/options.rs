@@ -80,6 +80,9 @@ impl std::fmt::Debug for ConnectionOptions {
     }
 }
 
+/// How long connecting waits for an endpoint before it also tries the next one.
+pub const CONNECT_HEDGE: Duration = Duration::from_millis(200);
+
 /// The smallest `max_txn_ops`: the transaction that completes a round has up to seven
 /// operations besides the rank table.
 pub const MIN_TXN_OPS: usize = 8;
@@ -323,8 +326,9 @@ impl ConnectionOptions {
     }
 
     /// A client that fails over between the endpoints (see [`super::api::GrpcEtcd`]), once
-    /// one of them has answered: every endpoint is probed at once (a count-only read of
-    /// [`probe_key`](Self::probe_key)), transient errors (no leader yet, `leader changed`,
+    /// one of them has answered: the endpoints are probed (a count-only read of
+    /// [`probe_key`](Self::probe_key)) in their order, each [`CONNECT_HEDGE`] after the
+    /// previous without waiting for it to answer; transient errors (no leader yet, `leader changed`,
     /// overloaded, unreachable) are retried, and the first endpoint to answer becomes the
     /// current one, all within `connect_timeout`. Endpoints that are down or black holes
     /// cost nothing more; they are connected again when failover reaches them.
@@ -351,7 +355,13 @@ impl ConnectionOptions {
         let mut probes: FuturesUnordered<_> = (0..urls.len())
             .map(|i| {
                 let api = &api;
-                async move { (i, probe_until(api, i, key, deadline).await) }
+                async move {
+                    // Hedged: the endpoints are tried in the order given, each one a little
+                    // after the previous, so that the first listed is preferred when it
+                    // answers and a silent one delays the connection by this much only.
+                    tokio::time::sleep(CONNECT_HEDGE * i as u32).await;
+                    (i, probe_until(api, i, key, deadline).await)
+                }
             })
             .collect();
         let mut failures = Vec::new();

@@ -485,24 +485,66 @@ impl Drop for FailOverOnDrop<'_> {
     }
 }
 
-/// A watch stream of `etcd-client`.
+/// A watch stream of `etcd-client`, on one endpoint, that notices when that member hangs.
+///
+/// A stream silent for [`GrpcWatch::idle`] sends a progress request, which a live member
+/// answers at once (with an empty response, or with the events it had); without an answer
+/// within the request timeout the stream is given up as [`ApiError::Unavailable`] and the
+/// next endpoint becomes current, where the caller re-opens it.
 struct GrpcWatch {
     stream: ec::WatchStream,
+    etcd: GrpcEtcd,
+    endpoint: usize,
 }
 
 impl std::fmt::Debug for GrpcWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("GrpcWatch")
+        f.debug_struct("GrpcWatch")
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+impl GrpcWatch {
+    /// How long a stream may stay silent before it is asked for progress: two request
+    /// timeouts (a progress request per idle watch and period is cheap for etcd, but not free
+    /// at thousands of nodes).
+    fn idle(&self) -> Duration {
+        self.etcd.request_timeout * 2
+    }
+
+    fn give_up(&self, why: String) -> ApiError {
+        tracing::debug!(endpoint = self.endpoint, "{why}; failing over");
+        self.etcd.advance_from(self.endpoint);
+        ApiError::Unavailable(why)
+    }
+}
+
+fn from_message(
+    answer: Result<Option<ec::WatchResponse>, ec::Error>,
+) -> Result<Option<WatchResponse>, ApiError> {
+    match answer {
+        Ok(Some(w)) => Ok(Some(from_watch(&w))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(map_error(e)),
     }
 }
 
 #[async_trait]
 impl WatchStream for GrpcWatch {
     async fn message(&mut self) -> Result<Option<WatchResponse>, ApiError> {
-        match self.stream.message().await {
-            Ok(Some(w)) => Ok(Some(from_watch(&w))),
-            Ok(None) => Ok(None),
-            Err(e) => Err(map_error(e)),
+        if let Ok(answer) = tokio::time::timeout(self.idle(), self.stream.message()).await {
+            return from_message(answer);
+        }
+        if let Err(e) = self.stream.request_progress().await {
+            return Err(self.give_up(format!("cannot ask a silent watch for progress: {e}")));
+        }
+        match tokio::time::timeout(self.etcd.request_timeout, self.stream.message()).await {
+            Ok(answer) => from_message(answer),
+            Err(_) => Err(self.give_up(format!(
+                "a silent watch stream did not answer a progress request within {:?}",
+                self.etcd.request_timeout
+            ))),
         }
     }
 }
@@ -628,7 +670,7 @@ impl EtcdApi for GrpcEtcd {
         if options.start_revision > 0 {
             opts = opts.with_start_revision(options.start_revision);
         }
-        let ((stream, created), _) = self
+        let ((stream, created), endpoint) = self
             .call(|mut c| {
                 let (key, opts) = (key.clone(), opts.clone());
                 async move {
@@ -650,7 +692,11 @@ impl EtcdApi for GrpcEtcd {
                 first.cancel_reason
             )));
         }
-        let stream = GrpcWatch { stream };
+        let stream = GrpcWatch {
+            stream,
+            etcd: self.clone(),
+            endpoint,
+        };
         if first.compact_revision > 0 || !first.events.is_empty() {
             // Hand the creation message on: it carries news.
             first.revision = revision;
