@@ -168,9 +168,9 @@ fn black_hole() -> (std::net::TcpListener, String) {
 /// connect probe waited on the first endpoint only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_hole_first_in_the_list_is_skipped_at_connect_and_after() {
-    let etcd = etcd().await;
+    let cluster = cluster().await;
     let (_hole, hole) = black_hole();
-    let endpoints = format!("{hole},{}", etcd.endpoint());
+    let endpoints = format!("{hole},{}", cluster.endpoints());
     let p = params(&endpoints, &run_id(), 2, 2).with_config("connect_timeout", "5");
     let started = Instant::now();
     let a = Arc::new(
