@@ -66,15 +66,7 @@ pub async fn read_status(
     };
     let current = client.get(keys.current(), None).await?;
     let open_round = match current.kvs().first() {
-        Some(kv) => std::str::from_utf8(kv.value())
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                RendezvousError::State(format!(
-                    "key '{}' should hold a round number",
-                    keys.current()
-                ))
-            })?,
+        Some(kv) => super::rendezvous::parse_round(kv)?,
         None => 1,
     };
     let open = client
