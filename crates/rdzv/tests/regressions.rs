@@ -364,7 +364,8 @@ async fn foreign_current_or_closed_is_a_state_error_naming_the_key_on_every_path
     let client = EtcdClient::new(etcd.client().await.unwrap());
     let mut raw = etcd.client().await.unwrap();
     let state_error_naming = |err: &RendezvousError, key: &str| matches!(err, RendezvousError::State(m) if m.contains(key));
-    let cases: [(fn(&RunKeys) -> String, &str); 6] = [
+    type KeyOf = fn(&RunKeys) -> String;
+    let cases: [(KeyOf, &str); 6] = [
         (RunKeys::current, "garbage"),
         (RunKeys::current, "0"),
         (RunKeys::current, "-1"),
