@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{rdzv, run_to_end, WAIT};
+use common::{rdzv, run_to_end, Etcd, WAIT};
 
 /// A closed port: connecting fails (with exit code 1), so exit code 2 proves the error was found
 /// before connecting.
@@ -337,4 +337,57 @@ fn pytorch_backend_keys_are_accepted_with_a_warning() {
         ),
         &["join_timeout"],
     );
+}
+
+/// Bad input (issue 10): `rdzv status` of a run id that never existed printed an empty status
+/// with exit code 0, and `rdzv close` of it succeeded and pre-closed it for an hour. Both now
+/// say that the run does not exist (exit 1, nothing on stdout, nothing created); `close
+/// --force` keeps closing it in advance.
+#[test]
+fn status_and_close_of_an_unknown_run_fail_unless_forced() {
+    let etcd = Etcd::start();
+    let endpoint = etcd.endpoint();
+    let id = common::run_id("never");
+    for args in [
+        vec!["status"],
+        vec!["status", "--json"],
+        vec!["close"],
+        // Still unknown afterwards: the failed commands created nothing.
+        vec!["status"],
+    ] {
+        let mut all = args.clone();
+        all.extend(["--rdzv-endpoint", &endpoint, "--rdzv-id", &id]);
+        let (code, stdout, stderr, _) = rdzv_run(&all);
+        let what = all.join(" ");
+        assert_eq!(code, 1, "{what}: stdout {stdout:?}; stderr:\n{stderr}");
+        assert!(stdout.is_empty(), "{what}: {stdout:?}");
+        assert!(
+            stderr.contains(&format!("'{id}'")) && stderr.contains("does not exist"),
+            "{what}:\n{stderr}"
+        );
+    }
+    let target = [
+        "--rdzv-endpoint",
+        endpoint.as_str(),
+        "--rdzv-id",
+        id.as_str(),
+    ];
+    let (code, _, stderr, _) = rdzv_run(&[&["close", "--force"][..], &target].concat());
+    assert_eq!(code, 0, "close --force: {stderr}");
+    let (code, stdout, stderr, _) = rdzv_run(&[&["status", "--json"][..], &target].concat());
+    assert_eq!(code, 0, "status after close --force: {stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("JSON status");
+    assert_eq!(status["closed"], true, "{stdout}");
+    // An existing run is closed without --force.
+    let id2 = common::run_id("known");
+    let target2 = [
+        "--rdzv-endpoint",
+        endpoint.as_str(),
+        "--rdzv-id",
+        id2.as_str(),
+    ];
+    let (code, _, stderr, _) = rdzv_run(&[&["close", "--force"][..], &target2].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr, _) = rdzv_run(&[&["close"][..], &target2].concat());
+    assert_eq!(code, 0, "close of an existing run: {stderr}");
 }

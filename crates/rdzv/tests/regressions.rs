@@ -417,3 +417,38 @@ async fn foreign_current_or_closed_is_a_state_error_naming_the_key_on_every_path
         }
     }
 }
+
+/// Bad input (issue 10): the status of a run that never existed was an empty status (open
+/// round 1, nobody waiting); it is an error saying that the run does not exist, and reading it
+/// creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_of_a_run_that_never_existed_is_an_error() {
+    let etcd = etcd().await;
+    let client = EtcdClient::new(etcd.client().await.unwrap());
+    let id = run_id();
+    let keys = RunKeys::new("/rdzv", &id);
+    let err = read_status(&client, &keys, &id).await.unwrap_err();
+    assert!(
+        matches!(&err, RendezvousError::NoSuchRun { run_id } if *run_id == id),
+        "{err}"
+    );
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    let mut raw = etcd.client().await.unwrap();
+    let left = raw
+        .get(
+            keys.run_prefix(),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.count(), 0, "reading the status created keys");
+    // A run that a node created exists, even before any round completed.
+    let p = params(&etcd.endpoint(), &id, 1, 1);
+    let _node = handler(&p).await;
+    let status = read_status(&client, &keys, &id).await.unwrap();
+    assert_eq!(status.open_round, 1);
+}

@@ -36,7 +36,7 @@ pub use server::{
     find_etcd_binary, find_etcd_binary_from, EtcdCluster, EtcdServer, EtcdServerError,
     EtcdServerOptions, EtcdTls, ETCD_BINARY_ENV,
 };
-pub use status::{read_status, MemberStatus, RunStatus};
+pub use status::{read_status, run_exists, MemberStatus, RunStatus};
 pub use store::EtcdStore;
 
 use crate::{HandlerCreator, RendezvousHandler};
