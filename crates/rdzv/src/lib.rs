@@ -26,6 +26,9 @@ pub mod parameters;
 pub mod registry;
 pub mod store;
 
+#[cfg(test)]
+mod proptests;
+
 pub use endpoint::{parse_endpoint, parse_endpoints, Endpoint, EndpointError};
 pub use error::RendezvousError;
 pub use handler::{MembershipEvent, RendezvousHandler, RendezvousInfo};
