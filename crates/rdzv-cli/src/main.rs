@@ -1,6 +1,10 @@
 //! The `rdzv` command.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error, 128 + N stopped
+//! by signal N (see [`usage`]).
 
 mod cmd;
+mod usage;
 
 use clap::{Parser, Subcommand};
 
@@ -68,7 +72,7 @@ fn main() -> std::process::ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("rdzv: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(usage::exit_code(&e))
         }
     }
 }

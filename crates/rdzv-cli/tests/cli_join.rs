@@ -436,3 +436,38 @@ fn bad_flags_are_rejected_with_a_message() {
     assert_ne!(code, 0, "{stderr}");
     assert!(stderr.contains("a/b") || stderr.contains('/'), "{stderr}");
 }
+
+/// Bad input (issue 10): a garbage `current` (as `etcdctl put /rdzv/<run>/current garbage`
+/// writes it) was overwritten by `rdzv join` while `rdzv status` reported a state error. Now
+/// `join`, `status` and `close` all fail (exit 1) naming the key, and the key is left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_current_fails_join_status_and_close_naming_the_key() {
+    let etcd = start_etcd().await;
+    let id = run_id("garbage");
+    let key = format!("/rdzv/{id}/current");
+    let mut raw = etcd.client().await.expect("etcd client");
+    raw.put(key.as_str(), "garbage", None).await.expect("put");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = etcd.endpoint();
+    for sub in ["join", "status", "close"] {
+        let mut cmd = rdzv();
+        cmd.args([sub, "--rdzv-endpoint", &endpoint, "--rdzv-id", &id]);
+        if sub == "join" {
+            cmd.args(["--rdzv-conf", "timeout=10"]);
+        }
+        let (code, stdout, stderr) =
+            tokio::task::block_in_place(|| run_to_end(cmd, dir.path(), sub, WAIT));
+        assert_eq!(code, 1, "{sub}: stdout {stdout:?}, stderr:\n{stderr}");
+        assert!(stdout.is_empty(), "{sub}: {stdout:?}");
+        assert!(
+            stderr.contains(&key) && stderr.contains("state"),
+            "{sub}: the error must name the key:\n{stderr}"
+        );
+        let kept = raw.get(key.as_str(), None).await.expect("get");
+        assert_eq!(
+            kept.kvs().first().map(|kv| kv.value()),
+            Some(&b"garbage"[..]),
+            "{sub} overwrote the key"
+        );
+    }
+}

@@ -185,7 +185,8 @@ impl Job {
         );
     }
 
-    /// `rdzv status --json` of this run.
+    /// `rdzv status --json` of this run; `null` while no agent has created the run yet (then
+    /// `rdzv status` says that it does not exist).
     fn status(&self) -> serde_json::Value {
         let mut cmd = rdzv();
         cmd.args([
@@ -197,6 +198,9 @@ impl Job {
             "--json",
         ]);
         let (code, stdout, stderr) = run_to_end(cmd, self.dir(), "status", WAIT);
+        if code == 1 && stdout.is_empty() && stderr.contains("does not exist") {
+            return serde_json::Value::Null;
+        }
         assert_eq!(code, 0, "rdzv status failed: {stdout}\n{stderr}");
         serde_json::from_str(&stdout)
             .unwrap_or_else(|e| panic!("rdzv status --json is not JSON ({e}): {stdout}"))

@@ -12,8 +12,10 @@
 //!   it; PyTorch accepts it;
 //! - an `http://` or `https://` prefix (any case) and one trailing `/` are accepted, as in
 //!   etcd client URLs; any other scheme is an error;
-//! - host names are checked against the ASCII pattern `^[A-Za-z0-9_.:-]+$` (PyTorch's `\w` also
-//!   admits non-ASCII letters).
+//! - hosts are checked more strictly than PyTorch's pattern `^[\w\.:-]+$` (whose `\w` also
+//!   admits non-ASCII letters): a host with a `:` must be an IPv6 address, one of digits and
+//!   dots an IPv4 address, any other a host name of non-empty ASCII labels (see
+//!   [`parse_endpoint`]); so `:::`, `1.2.3.4.5` or `a..b` fail here, not later in DNS.
 
 use std::fmt;
 
@@ -71,8 +73,8 @@ pub enum EndpointError {
         endpoint: String,
     },
 
-    /// The host contains characters other than ASCII letters, digits, `_`, `.`, `:` and `-`,
-    /// or its IPv6 brackets are malformed.
+    /// The host is not an IPv6 address, an IPv4 address or a host name (see
+    /// [`parse_endpoint`]), or its IPv6 brackets are malformed.
     #[error(
         "the host name '{host}' of the rendezvous endpoint '{endpoint}' must be a dot-separated \
          list of labels, an IPv4 address, or an IPv6 address (IPv6 with a port in brackets: \
@@ -169,8 +171,17 @@ impl fmt::Display for Endpoint {
 ///   text is the host and the port is `default_port`. Unlike PyTorch, `::1` is *not* split
 ///   into host `:` and port `1`; a bare IPv6 literal can never carry a port.
 ///
-/// The host must match `^[A-Za-z0-9_.:-]+$` (so IPv6 zone ids such as `%eth0` are not
-/// accepted). A port must be 1 to 5 ASCII digits, between 1 and 65535.
+/// The host (brackets removed) must be one of:
+///
+/// - an IPv6 address, if it contains a `:` (checked by [`std::net::Ipv6Addr`]'s parser, so
+///   `:::`, `1:2:3:4:5:6:7:8:9` and zone ids such as `%eth0` are rejected);
+/// - an IPv4 address `a.b.c.d`, if it has only digits and dots (so `1.2.3.4.5`, `256.0.0.1`,
+///   `1.2.3` and `123` are rejected rather than left to the resolver);
+/// - otherwise a host name: labels of ASCII letters, digits, `_` and `-`, separated by `.`,
+///   none empty (`a..b`, `.a` are rejected), at most 63 characters each and 253 in all; one
+///   trailing `.` (a fully qualified name) is allowed.
+///
+/// A port must be 1 to 5 ASCII digits, between 1 and 65535.
 ///
 /// Unlike PyTorch, an empty endpoint is an error rather than `localhost`, and port 0 is
 /// rejected.
@@ -179,7 +190,8 @@ impl fmt::Display for Endpoint {
 /// - [`EndpointError::Empty`] for empty or whitespace-only text;
 /// - [`EndpointError::UnsupportedScheme`] for a scheme other than http/https before `://`;
 /// - [`EndpointError::EmptyHost`] for `:2379`, `[]`, `http://`;
-/// - [`EndpointError::InvalidHost`] for a host with other characters (`~`, `a b`) or
+/// - [`EndpointError::InvalidHost`] for a host with other characters (`~`, `a b`), a
+///   malformed IP address (`:::`, `1.2.3.4.5`), an empty or too long label (`a..b`) or
 ///   malformed brackets (`[::1`, `[::1]x`);
 /// - [`EndpointError::InvalidPort`] for a port that is not 1 to 5 digits (`h:`, `h:abc`,
 ///   `h:-1`, `h:123456`);
@@ -261,10 +273,7 @@ pub fn parse_endpoint(text: &str, default_port: u16) -> Result<Endpoint, Endpoin
     if host.is_empty() {
         return Err(EndpointError::EmptyHost { endpoint: owned() });
     }
-    if !host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
-    {
+    if !valid_host(host) {
         return Err(EndpointError::InvalidHost {
             endpoint: owned(),
             host: host.to_string(),
@@ -276,6 +285,33 @@ pub fn parse_endpoint(text: &str, default_port: u16) -> Result<Endpoint, Endpoin
         port,
         scheme,
     })
+}
+
+/// The longest host name (RFC 1035, without the trailing dot).
+const MAX_HOST_NAME_LEN: usize = 253;
+
+/// The longest label of a host name (RFC 1035).
+const MAX_LABEL_LEN: usize = 63;
+
+/// Whether `host` (brackets removed) is an IPv6 address (it has a `:`), an IPv4 address (only
+/// digits and dots) or a host name (non-empty labels of ASCII letters, digits, `_` and `-`,
+/// separated by `.`, at most 63 characters each and 253 in all, one trailing `.` allowed).
+fn valid_host(host: &str) -> bool {
+    if host.contains(':') {
+        return host.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return host.parse::<std::net::Ipv4Addr>().is_ok();
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    name.len() <= MAX_HOST_NAME_LEN
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= MAX_LABEL_LEN
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+        })
 }
 
 /// A port of 1 to 5 ASCII digits in 1..=65535. The error is the number if it had the right
@@ -491,6 +527,65 @@ mod tests {
                     if endpoint == text.trim() && h == host),
                 "{text:?}: {err:?}"
             );
+        }
+    }
+
+    /// Bad input (issue 10): `:::` was accepted and failed later with a DNS error. A host with
+    /// colons must be an IPv6 address, a host of digits and dots an IPv4 address, and a host
+    /// name a list of non-empty labels.
+    #[test]
+    fn malformed_ip_addresses_and_host_names_are_rejected_at_parse_time() {
+        let long_label = format!("{}.com", "a".repeat(64));
+        let long_name = ["abcdefghi"; 26].join(".");
+        for (text, host) in [
+            (":::", ":::"),
+            ("::::", "::::"),
+            ("[:::]:1", ":::"),
+            ("[::::]", "::::"),
+            ("a:b:c", "a:b:c"),
+            ("1:2:3:4:5:6:7:8:9", "1:2:3:4:5:6:7:8:9"),
+            ("12345::1", "12345::1"),
+            ("http://:::/", ":::"),
+            ("1.2.3.4.5", "1.2.3.4.5"),
+            ("1.2.3.4.5:80", "1.2.3.4.5"),
+            ("[1.2.3.4.5]:80", "1.2.3.4.5"),
+            ("256.1.1.1", "256.1.1.1"),
+            ("1.2.3", "1.2.3"),
+            ("123", "123"),
+            ("1.2.3.4.", "1.2.3.4."),
+            ("a..b", "a..b"),
+            (".a", ".a"),
+            ("..", ".."),
+            (".", "."),
+            ("a.b..", "a.b.."),
+            (long_label.as_str(), long_label.as_str()),
+            (long_name.as_str(), long_name.as_str()),
+        ] {
+            let err = parse_endpoint(text, 2379).unwrap_err();
+            assert!(
+                matches!(&err, EndpointError::InvalidHost { endpoint, host: h }
+                    if endpoint == text && h == host),
+                "{text:?}: {err:?}"
+            );
+            assert!(
+                parse_endpoints(&format!("ok:1,{text}"), 2379).is_err(),
+                "{text:?}"
+            );
+        }
+        // Still accepted: full, compressed and IPv4-mapped IPv6, FQDNs with a trailing dot,
+        // labels of 63 characters, digits in host names.
+        let label63 = format!("{}.com", "a".repeat(63));
+        for text in [
+            "::",
+            "1:2:3:4:5:6:7:8",
+            "::ffff:10.0.0.1",
+            "etcd.example.com.",
+            "node-7.local",
+            "1node",
+            "10.0.0.255",
+            label63.as_str(),
+        ] {
+            assert!(parse_endpoint(text, 2379).is_ok(), "{text:?} rejected");
         }
     }
 

@@ -21,6 +21,16 @@ pub enum RendezvousError {
     /// The state stored in the backend is corrupt or not ours.
     #[error("invalid rendezvous state: {0}")]
     State(String),
+    /// The run has no key in the backend: it never existed, or its keys outlived its last node
+    /// by its `retention` and are gone.
+    #[error(
+        "the run '{run_id}' does not exist: no node created it, or its keys expired after its \
+         last node left"
+    )]
+    NoSuchRun {
+        /// The run id that was asked for.
+        run_id: String,
+    },
     /// Not a failure: this node was not admitted and the rendezvous ended; exit quietly.
     #[error("graceful exit: {0}")]
     GracefulExit(String),

@@ -27,10 +27,16 @@ pub mod registry;
 pub mod secrets;
 pub mod store;
 
+#[cfg(test)]
+mod proptests;
+
 pub use endpoint::{parse_endpoint, parse_endpoints, Endpoint, EndpointError};
 pub use error::RendezvousError;
 pub use handler::{MembershipEvent, RendezvousHandler, RendezvousInfo};
-pub use parameters::{parse_config, parse_duration, ParameterError, RendezvousParameters};
+pub use parameters::{
+    parse_config, parse_duration, parse_duration_in, ParameterError, RendezvousParameters,
+    MAX_RETENTION, MAX_TIMEOUT,
+};
 pub use registry::{
     create_handler, default_registry, HandlerCreator, HandlerRegistry, RegistryError,
 };

@@ -8,13 +8,26 @@
 //!   keys;
 //! - a whitespace-only backend name counts as empty;
 //! - [`RendezvousParameters::get_bool`] ignores surrounding whitespace (PyTorch rejects `" true"`);
-//! - durations can be read with [`RendezvousParameters::get_duration`].
+//! - a configuration string that gives a key twice is an error ([`parse_config`]; PyTorch keeps
+//!   the last value);
+//! - durations can be read with [`RendezvousParameters::get_duration`], and bounded with
+//!   [`RendezvousParameters::get_duration_in`] (the etcd backend bounds every duration it
+//!   reads, see [`crate::etcd::options`]).
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 /// The longest accepted run id, in bytes (UTF-8).
 pub const MAX_RUN_ID_LEN: usize = 256;
+
+/// The longest timeout, TTL or wait a setting or flag accepts: 7 days. Deadlines computed from
+/// it (`now + timeout`), lease TTLs in seconds and milliseconds in records stay far from any
+/// overflow.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The longest retention of a run's keys: 365 days.
+pub const MAX_RETENTION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Why parameters or a configuration value are invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,6 +86,16 @@ pub enum ParameterError {
         key: String,
     },
 
+    /// A configuration string gives the same key twice (`a=1,a=2`).
+    #[error(
+        "the rendezvous configuration option '{key}' is given more than once: give each key \
+         once"
+    )]
+    DuplicateKey {
+        /// The repeated key.
+        key: String,
+    },
+
     /// A configuration value is not an integer.
     #[error("the rendezvous configuration option '{key}' does not represent a valid integer value: {value:?}")]
     NotAnInteger {
@@ -106,6 +129,24 @@ pub enum ParameterError {
         value: String,
         /// What is wrong with it.
         reason: String,
+    },
+
+    /// A configuration value is a duration, but outside the range the key accepts.
+    #[error(
+        "the rendezvous configuration option '{key}' is out of range: {value:?} (accepted: {} \
+         to {})",
+        format_duration_bound(*.min),
+        format_duration_bound(*.max)
+    )]
+    DurationOutOfRange {
+        /// The configuration key.
+        key: String,
+        /// The value that was found.
+        value: String,
+        /// The shortest accepted duration.
+        min: Duration,
+        /// The longest accepted duration.
+        max: Duration,
     },
 }
 
@@ -202,11 +243,13 @@ impl RendezvousParameters {
     }
 
     /// Adds every entry of a torchrun-style configuration string `a=1,b=x`; its entries
-    /// overwrite existing ones with the same key.
+    /// overwrite existing ones with the same key (a key given twice *within* the string is an
+    /// error).
     ///
     /// # Errors
-    /// [`ParameterError::ConfigFormat`] or [`ParameterError::MissingValue`] if the string is
-    /// malformed (see [`parse_config`]); `self` is then dropped unchanged.
+    /// [`ParameterError::ConfigFormat`], [`ParameterError::MissingValue`] or
+    /// [`ParameterError::DuplicateKey`] if the string is malformed (see [`parse_config`]);
+    /// `self` is then dropped unchanged.
     pub fn with_config_str(mut self, text: &str) -> Result<Self, ParameterError> {
         self.config.extend(parse_config(text)?);
         Ok(self)
@@ -328,6 +371,28 @@ impl RendezvousParameters {
             .transpose()
     }
 
+    /// [`RendezvousParameters::get_duration`], checked against `range` (inclusive). A missing
+    /// key gives `Ok(None)`.
+    ///
+    /// # Errors
+    /// As [`RendezvousParameters::get_duration`], and [`ParameterError::DurationOutOfRange`]
+    /// naming the key, the value and the range for a duration outside `range`.
+    pub fn get_duration_in(
+        &self,
+        key: &str,
+        range: RangeInclusive<Duration>,
+    ) -> Result<Option<Duration>, ParameterError> {
+        match self.get_duration(key)? {
+            Some(d) if !range.contains(&d) => Err(ParameterError::DurationOutOfRange {
+                key: key.to_string(),
+                value: self.get(key).unwrap_or_default().to_string(),
+                min: *range.start(),
+                max: *range.end(),
+            }),
+            other => Ok(other),
+        }
+    }
+
     /// [`RendezvousParameters::get_duration`], with `default` for a missing key.
     ///
     /// # Errors
@@ -401,13 +466,16 @@ pub fn validate_run_id(run_id: &str) -> Result<(), ParameterError> {
 /// - items are separated by `,` (no escaping) and split at their *first* `=`, so values may
 ///   contain `=` and `/` (`c=dummy3=dummy4` gives `c` → `dummy3=dummy4`);
 /// - keys and values are trimmed;
-/// - a later duplicate key overwrites an earlier one.
+/// - unlike PyTorch, where a later duplicate overwrites an earlier one, a key given twice is
+///   an error: `timeout=60,timeout=30` is more likely a mistake than an intent.
 ///
 /// # Errors
 /// - [`ParameterError::ConfigFormat`] for an item with an empty key (`=x`, `a=1,,b=2`, a
 ///   trailing comma, `" ,  "`);
 /// - [`ParameterError::MissingValue`] for an item without `=` or with an empty value (`a`,
-///   `a=`, `a=  `).
+///   `a=`, `a=  `);
+/// - [`ParameterError::DuplicateKey`] for a key given twice (`a=1,a=2`, also with the same
+///   value).
 pub fn parse_config(text: &str) -> Result<BTreeMap<String, String>, ParameterError> {
     let mut config = BTreeMap::new();
     let trimmed = text.trim();
@@ -429,7 +497,11 @@ pub fn parse_config(text: &str) -> Result<BTreeMap<String, String>, ParameterErr
                 key: key.to_string(),
             });
         }
-        config.insert(key.to_string(), value.to_string());
+        if config.insert(key.to_string(), value.to_string()).is_some() {
+            return Err(ParameterError::DuplicateKey {
+                key: key.to_string(),
+            });
+        }
     }
     Ok(config)
 }
@@ -458,6 +530,46 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(unsigned).map_err(|e| {
         format!("expected seconds (e.g. 30 or 1.5) or a duration such as 30s, 2m or 1h 30m: {e}")
     })
+}
+
+/// [`parse_duration`], checked against `range` (inclusive): for command-line flags.
+///
+/// # Errors
+/// As [`parse_duration`], and a reason naming the accepted range for a duration outside it.
+pub fn parse_duration_in(value: &str, range: RangeInclusive<Duration>) -> Result<Duration, String> {
+    let d = parse_duration(value)?;
+    if range.contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!(
+            "out of range (accepted: {} to {})",
+            format_duration_bound(*range.start()),
+            format_duration_bound(*range.end())
+        ))
+    }
+}
+
+/// A bound of a duration range, in the largest unit that expresses it exactly and in a form
+/// that [`parse_duration`] reads back: `0s`, `1ms`, `2s`, `1h`, `7d`, `365d`.
+pub fn format_duration_bound(d: Duration) -> String {
+    const UNITS: [(u128, &str); 6] = [
+        (86_400_000_000_000, "d"),
+        (3_600_000_000_000, "h"),
+        (60_000_000_000, "m"),
+        (1_000_000_000, "s"),
+        (1_000_000, "ms"),
+        (1_000, "us"),
+    ];
+    let nanos = d.as_nanos();
+    if nanos == 0 {
+        return "0s".to_string();
+    }
+    for (size, unit) in UNITS {
+        if nanos % size == 0 {
+            return format!("{}{unit}", nanos / size);
+        }
+    }
+    format!("{nanos}ns")
 }
 
 /// Parses `digits[.digits]` (either side may be empty, not both) as seconds, exactly.
@@ -743,11 +855,29 @@ mod tests {
         }
     }
 
+    /// Bad input (issue 10): a later duplicate key silently overwrote an earlier one (as in
+    /// PyTorch); `timeout=60,timeout=30` is now an error naming the key.
     #[test]
-    fn parse_config_later_duplicates_overwrite() {
-        let config = parse_config("a=1,b=2,a=3").unwrap();
-        assert_eq!(config["a"], "3");
-        assert_eq!(config["b"], "2");
+    fn parse_config_rejects_duplicate_keys() {
+        for (text, key) in [
+            ("a=1,b=2,a=3", "a"),
+            ("a=1,a=1", "a"),
+            (" timeout = 60 ,timeout=30", "timeout"),
+            ("b=1,a=x=y,a=z", "a"),
+        ] {
+            let err = parse_config(text).unwrap_err();
+            assert!(
+                matches!(&err, ParameterError::DuplicateKey { key: k } if k == key),
+                "{text:?}: {err:?}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&format!("'{key}'")) && msg.contains("more than once"),
+                "{msg}"
+            );
+        }
+        // Keys differing in case are different keys.
+        assert_eq!(parse_config("a=1,A=2").unwrap().len(), 2);
     }
 
     #[test]
@@ -1036,6 +1166,63 @@ mod tests {
                 with("join_timeout", value).get_duration_or("join_timeout", Duration::ZERO),
                 Err(ParameterError::NotADuration { .. })
             ));
+        }
+    }
+
+    #[test]
+    fn get_duration_in_bounds_values_naming_key_value_and_range() {
+        let s = Duration::from_secs;
+        let range = Duration::from_millis(1)..=MAX_TIMEOUT;
+        assert_eq!(
+            with("t", "7d").get_duration_in("t", range.clone()),
+            Ok(Some(MAX_TIMEOUT))
+        );
+        assert_eq!(
+            with("t", "1ms").get_duration_in("t", range.clone()),
+            Ok(Some(Duration::from_millis(1)))
+        );
+        assert_eq!(params().get_duration_in("t", range.clone()), Ok(None));
+        for value in ["0", "604800.000000001", "8d", "18446744073709551615"] {
+            let err = with("t", value)
+                .get_duration_in("t", range.clone())
+                .unwrap_err();
+            assert!(
+                matches!(&err, ParameterError::DurationOutOfRange { key, value: v, min, max }
+                    if key == "t" && v == value && *min == Duration::from_millis(1)
+                        && *max == MAX_TIMEOUT),
+                "{value:?}: {err:?}"
+            );
+            let msg = err.to_string();
+            assert!(msg.contains("'t'") && msg.contains("1ms to 7d"), "{msg}");
+        }
+        // A malformed value is still reported as such.
+        assert!(matches!(
+            with("t", "x").get_duration_in("t", range),
+            Err(ParameterError::NotADuration { .. })
+        ));
+        assert_eq!(parse_duration_in("2s", s(2)..=s(2)), Ok(s(2)));
+        let reason = parse_duration_in("0", Duration::from_millis(1)..=s(3600)).unwrap_err();
+        assert!(reason.contains("1ms to 1h"), "{reason}");
+        assert!(parse_duration_in("x", s(0)..=s(1)).is_err());
+    }
+
+    #[test]
+    fn duration_bounds_are_formatted_in_their_largest_exact_unit() {
+        let cases = [
+            (Duration::ZERO, "0s"),
+            (Duration::from_nanos(1), "1ns"),
+            (Duration::from_micros(3), "3us"),
+            (Duration::from_millis(1), "1ms"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_secs(2), "2s"),
+            (Duration::from_secs(120), "2m"),
+            (Duration::from_secs(3600), "1h"),
+            (MAX_TIMEOUT, "7d"),
+            (MAX_RETENTION, "365d"),
+        ];
+        for (d, text) in cases {
+            assert_eq!(format_duration_bound(d), text);
+            assert_eq!(parse_duration(text), Ok(d), "{text} does not read back");
         }
     }
 

@@ -351,3 +351,104 @@ async fn join_record_without_a_lease_is_a_state_error_naming_the_key() {
         "{errors:?}"
     );
 }
+
+/// Bad input (issue 10): foreign data under a run's keys — a garbage `current` (as `etcdctl
+/// put /rdzv/<run>/current garbage` writes it), a round number out of range, a garbage
+/// `closed` — was treated differently by different paths (`status` reported a state error,
+/// `join` went on or reported the run closed; a huge round number overflowed). Every path — a
+/// new node, a node of the run joining or closing, the status — now fails with a state error
+/// naming the key, and the key is left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_current_or_closed_is_a_state_error_naming_the_key_on_every_path() {
+    let etcd = etcd().await;
+    let client = EtcdClient::new(etcd.client().await.unwrap());
+    let mut raw = etcd.client().await.unwrap();
+    let state_error_naming = |err: &RendezvousError, key: &str| matches!(err, RendezvousError::State(m) if m.contains(key));
+    type KeyOf = fn(&RunKeys) -> String;
+    let cases: [(KeyOf, &str); 6] = [
+        (RunKeys::current, "garbage"),
+        (RunKeys::current, "0"),
+        (RunKeys::current, "-1"),
+        (RunKeys::current, "18446744073709551615"),
+        (RunKeys::current, "1000000000000"),
+        (RunKeys::closed, "garbage"),
+    ];
+    for (which, value) in cases {
+        for existing in [false, true] {
+            let id = run_id();
+            let keys = RunKeys::new("/rdzv", &id);
+            let key = which(&keys);
+            let what = format!("{key} = {value:?} in a run that existed: {existing}");
+            let p = params(&etcd.endpoint(), &id, 1, 1);
+            let node = if existing {
+                Some(handler(&p).await)
+            } else {
+                None
+            };
+            raw.put(key.as_str(), value, None).await.unwrap();
+            // A new node fails when it connects or when it joins.
+            let newcomer = match bounded(LIMIT, "connect", EtcdRendezvousHandler::connect(&p)).await
+            {
+                Ok(h) => bounded(LIMIT, "join", h.next_rendezvous()).await.err(),
+                Err(e) => Some(e),
+            };
+            match newcomer {
+                Some(err) => assert!(state_error_naming(&err, &key), "new node, {what}: {err}"),
+                None => panic!("a new node completed a round; {what}"),
+            }
+            if let Some(node) = node {
+                let err = bounded(LIMIT, "join", node.next_rendezvous())
+                    .await
+                    .unwrap_err();
+                assert!(state_error_naming(&err, &key), "join, {what}: {err}");
+                let err = bounded(LIMIT, "close", node.set_closed())
+                    .await
+                    .unwrap_err();
+                assert!(state_error_naming(&err, &key), "close, {what}: {err}");
+            }
+            let err = read_status(&client, &keys, &id).await.unwrap_err();
+            assert!(state_error_naming(&err, &key), "status, {what}: {err}");
+            let kept = raw.get(key.as_str(), None).await.unwrap();
+            assert_eq!(
+                kept.kvs()[0].value(),
+                value.as_bytes(),
+                "overwritten; {what}"
+            );
+        }
+    }
+}
+
+/// Bad input (issue 10): the status of a run that never existed was an empty status (open
+/// round 1, nobody waiting); it is an error saying that the run does not exist, and reading it
+/// creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_of_a_run_that_never_existed_is_an_error() {
+    let etcd = etcd().await;
+    let client = EtcdClient::new(etcd.client().await.unwrap());
+    let id = run_id();
+    let keys = RunKeys::new("/rdzv", &id);
+    let err = read_status(&client, &keys, &id).await.unwrap_err();
+    assert!(
+        matches!(&err, RendezvousError::NoSuchRun { run_id } if *run_id == id),
+        "{err}"
+    );
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    let mut raw = etcd.client().await.unwrap();
+    let left = raw
+        .get(
+            keys.run_prefix(),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.count(), 0, "reading the status created keys");
+    // A run that a node created exists, even before any round completed.
+    let p = params(&etcd.endpoint(), &id, 1, 1);
+    let _node = handler(&p).await;
+    let status = read_status(&client, &keys, &id).await.unwrap();
+    assert_eq!(status.open_round, 1);
+}

@@ -142,3 +142,27 @@ async fn stores_of_two_rounds_are_separate() {
     let r2 = rdzv::RendezvousHandler::next_rendezvous(&*h).await.unwrap();
     assert!(!r2.store.check(&["k"]).await.unwrap());
 }
+
+/// Bad input (issue 10): `rdzv run --exit-barrier-timeout 18446744073709551615` panicked in
+/// the store (`Instant` overflow computing the deadline). A caller's timeout of any size is a
+/// wait without practical end, not a panic: the waits still run when the test stops them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_wait_accept_any_timeout_up_to_duration_max() {
+    let (_etcd, s) = store().await;
+    let still_waiting = Duration::from_millis(300);
+    let get = tokio::time::timeout(still_waiting, s.get_timeout("never", Duration::MAX)).await;
+    assert!(get.is_err(), "get_timeout(Duration::MAX) returned: {get:?}");
+    let wait = tokio::time::timeout(still_waiting, s.wait(&["never"], Duration::MAX)).await;
+    assert!(wait.is_err(), "wait(Duration::MAX) returned: {wait:?}");
+    // And they still end when the key comes.
+    let getter = tokio::spawn({
+        let s = s.clone();
+        async move { s.get_timeout("late", Duration::MAX).await }
+    });
+    s.set("late", b"here").await.unwrap();
+    let v = bounded(Duration::from_secs(10), "get", getter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v, b"here");
+}

@@ -21,7 +21,8 @@ const LIVENESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Arguments of `rdzv etcd`.
 #[derive(Debug, clap::Args)]
 pub struct EtcdArgs {
-    /// How long to wait for etcd to answer, e.g. `30s`, `500ms`, `2m` or a number of seconds.
+    /// How long to wait for etcd to answer, e.g. `30s`, `500ms`, `2m` or a number of seconds
+    /// (1ms to 7d).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     ready_timeout: Duration,
 
@@ -30,9 +31,11 @@ pub struct EtcdArgs {
     etcd_args: Vec<OsString>,
 }
 
-/// Parses `250ms`, `1.5s`, `2m`, `1h` or a bare number of seconds (the library's rules).
+/// Parses `250ms`, `1.5s`, `2m`, `1h` or a bare number of seconds (the library's rules), from
+/// 1ms to 7d ([`rdzv::MAX_TIMEOUT`]).
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    rdzv::parse_duration(text).map_err(|e| format!("`{}` is not a duration: {e}", text.trim()))
+    rdzv::parse_duration_in(text, Duration::from_millis(1)..=rdzv::MAX_TIMEOUT)
+        .map_err(|e| format!("`{}` is not a duration: {e}", text.trim()))
 }
 
 /// Runs `rdzv etcd`.
@@ -127,5 +130,9 @@ mod tests {
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("").is_err());
+        for bad in ["0", "8d", "18446744073709551615"] {
+            let reason = parse_duration(bad).unwrap_err();
+            assert!(reason.contains("1ms to 7d"), "{bad}: {reason}");
+        }
     }
 }

@@ -57,19 +57,12 @@ fn shell_quote(s: &str) -> String {
 /// Runs `rdzv join`.
 ///
 /// # Errors
-/// If the parameters are invalid, etcd cannot be reached, or the round fails (closed, timeout).
+/// A usage error (exit code 2) if the parameters are invalid; another error if etcd cannot be
+/// reached or the round fails (closed, timeout, foreign state).
 pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
-    let params =
-        match args
-            .target
-            .parameters(args.nnodes, args.local_addr.as_deref(), args.node_rank)
-        {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("rdzv join: error: {e:#}");
-                return Ok(ExitCode::from(2));
-            }
-        };
+    let params = args
+        .target
+        .parameters(args.nnodes, args.local_addr.as_deref(), args.node_rank)?;
     let mut signals = if args.hold {
         Some(super::signals::TerminationSignals::install()?)
     } else {

@@ -1,8 +1,11 @@
 //! The rendezvous flags shared by `run`, `join`, `status` and `close`, with torchrun's names
 //! and environment variables (`PET_*`, as Kubernetes operators set them).
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+use rdzv::etcd::{ConnectionOptions, RendezvousSettings};
 use rdzv::RendezvousParameters;
+
+use crate::usage::usage;
 
 /// `--nnodes N` or `--nnodes MIN:MAX`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +68,9 @@ pub struct RendezvousTarget {
     #[arg(long = "rdzv-id", alias = "rdzv_id", env = "PET_RDZV_ID")]
     pub run_id: Option<String>,
 
-    /// Backend configuration `key=value,...` (e.g. `timeout=60,last_call_timeout=5`).
+    /// Backend configuration `key=value,...` (e.g. `timeout=60,last_call_timeout=5`). Unknown
+    /// keys and keys given twice are errors; durations are bounded (`timeout` 1ms to 7d,
+    /// `retention` 2s to 365d, ...).
     #[arg(
         long = "rdzv-conf",
         alias = "rdzv_conf",
@@ -76,10 +81,14 @@ pub struct RendezvousTarget {
 }
 
 impl RendezvousTarget {
-    /// Parameters for this target with the given node range and options.
+    /// Parameters for this target with the given node range and options, with the whole
+    /// configuration checked as the etcd backend will read it (endpoints, keys, values), so
+    /// that configuration errors are found before anything is started or connected to.
     ///
     /// # Errors
-    /// If a value is invalid (empty endpoint, bad configuration string, ...).
+    /// A usage error (exit code 2, see [`crate::usage`]) if a value is invalid: empty
+    /// endpoint, missing run id, another backend than etcd, bad configuration string, unknown
+    /// key, value out of range, ...
     pub fn parameters(
         &self,
         nodes: NodeRange,
@@ -87,11 +96,26 @@ impl RendezvousTarget {
         node_rank: Option<u64>,
     ) -> anyhow::Result<RendezvousParameters> {
         if self.endpoint.trim().is_empty() {
-            bail!("--rdzv-endpoint (or PET_RDZV_ENDPOINT) is required");
+            return Err(usage("--rdzv-endpoint (or PET_RDZV_ENDPOINT) is required"));
         }
         let Some(run_id) = self.run_id.as_deref() else {
-            bail!("--rdzv-id (or PET_RDZV_ID) is required: every job needs its own id");
+            return Err(usage(
+                "--rdzv-id (or PET_RDZV_ID) is required: every job needs its own id",
+            ));
         };
+        match self.backend.trim() {
+            "etcd" => {}
+            "etcd-v2" => tracing::warn!(
+                "--rdzv-backend etcd-v2: rdzv speaks its own protocol over the etcd v3 API (as \
+                 the `etcd` backend); it cannot join PyTorch's etcd-v2 rendezvous"
+            ),
+            other => {
+                return Err(usage(format!(
+                    "--rdzv-backend (or PET_RDZV_BACKEND) '{other}' is not supported: rdzv \
+                     implements the `etcd` backend (over the etcd v3 API)"
+                )))
+            }
+        }
         let mut params =
             RendezvousParameters::new(&self.backend, &self.endpoint, run_id, nodes.min, nodes.max)?
                 .with_config_str(&self.conf)
@@ -102,7 +126,28 @@ impl RendezvousTarget {
         if let Some(rank) = node_rank {
             params = params.with_config("node_rank", rank.to_string());
         }
+        ConnectionOptions::from_parameters(&params)?;
+        RendezvousSettings::from_parameters(&params)?;
         Ok(params)
+    }
+
+    /// Checks everything but the endpoint and run id (for `--standalone`, before its etcd is
+    /// started and its run id drawn).
+    ///
+    /// # Errors
+    /// As [`RendezvousTarget::parameters`].
+    pub fn check_without_endpoint(
+        &self,
+        nodes: NodeRange,
+        local_addr: Option<&str>,
+        node_rank: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let probe = Self {
+            endpoint: "127.0.0.1".into(),
+            run_id: Some("standalone".into()),
+            ..self.clone()
+        };
+        probe.parameters(nodes, local_addr, node_rank).map(|_| ())
     }
 }
 

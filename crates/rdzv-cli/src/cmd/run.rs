@@ -20,9 +20,7 @@ use super::membership::{round_end, RoundEnd};
 use super::rdzv_args::{NodeRange, RendezvousTarget};
 use super::signals::{Termination, TerminationSignals};
 use super::workers::{error_file_message, Failure, GroupSpec, GroupState, Streams, WorkerGroup};
-
-/// Exit code for bad or conflicting flags (as clap's own usage errors).
-const USAGE: u8 = 2;
+use crate::usage::usage;
 
 /// Arguments of `rdzv run` (torchrun's names and `PET_*` environment variables).
 #[derive(Debug, clap::Args)]
@@ -60,8 +58,8 @@ pub struct RunArgs {
     )]
     max_restarts: u32,
 
-    /// How often to check the workers (seconds or a duration such as 100ms).
-    #[arg(long = "monitor-interval", alias = "monitor_interval", env = "PET_MONITOR_INTERVAL", default_value = "0.1", value_parser = duration)]
+    /// How often to check the workers (seconds or a duration such as 100ms; 1ms to 1h).
+    #[arg(long = "monitor-interval", alias = "monitor_interval", env = "PET_MONITOR_INTERVAL", default_value = "0.1", value_parser = monitor_interval)]
     monitor_interval: Duration,
 
     /// The workers' role name (ROLE_NAME).
@@ -88,12 +86,12 @@ pub struct RunArgs {
     #[arg(long = "log-dir", alias = "log_dir", env = "PET_LOG_DIR")]
     log_dir: Option<PathBuf>,
 
-    /// Time between SIGTERM and SIGKILL when stopping workers.
-    #[arg(long = "grace-period", default_value = "5", value_parser = duration)]
+    /// Time between SIGTERM and SIGKILL when stopping workers (0s to 7d).
+    #[arg(long = "grace-period", default_value = "5", value_parser = timeout)]
     grace_period: Duration,
 
-    /// How long a node whose workers succeeded waits for the other nodes to finish.
-    #[arg(long = "exit-barrier-timeout", default_value = "300", value_parser = duration)]
+    /// How long a node whose workers succeeded waits for the other nodes to finish (0s to 7d).
+    #[arg(long = "exit-barrier-timeout", default_value = "300", value_parser = timeout)]
     exit_barrier_timeout: Duration,
 
     /// Accepted for torchrun compatibility and ignored.
@@ -110,8 +108,17 @@ pub struct RunArgs {
     command: Vec<OsString>,
 }
 
-fn duration(text: &str) -> Result<Duration, String> {
-    rdzv::parse_duration(text)
+/// The longest `--monitor-interval`.
+const MAX_MONITOR_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// `--monitor-interval`: 1ms to 1h (a tokio interval of zero panics).
+fn monitor_interval(text: &str) -> Result<Duration, String> {
+    rdzv::parse_duration_in(text, Duration::from_millis(1)..=MAX_MONITOR_INTERVAL)
+}
+
+/// `--grace-period`, `--exit-barrier-timeout`: 0s to 7d ([`rdzv::MAX_TIMEOUT`]).
+fn timeout(text: &str) -> Result<Duration, String> {
+    rdzv::parse_duration_in(text, Duration::ZERO..=rdzv::MAX_TIMEOUT)
 }
 
 fn nproc(text: &str) -> Result<usize, String> {
@@ -132,9 +139,9 @@ fn nproc(text: &str) -> Result<usize, String> {
     }
 }
 
+/// A usage error (exit code 2, printed by `main`).
 fn usage_error(msg: impl std::fmt::Display) -> anyhow::Result<ExitCode> {
-    eprintln!("rdzv run: error: {msg}");
-    Ok(ExitCode::from(USAGE))
+    Err(usage(msg))
 }
 
 /// Why the monitor loop stopped.
@@ -169,6 +176,12 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
                 "--standalone is a single-node job: do not give --nnodes other than 1",
             );
         }
+        // The configuration is checked before the etcd is started.
+        args.target.check_without_endpoint(
+            args.nnodes,
+            args.local_addr.as_deref(),
+            args.node_rank,
+        )?;
         let etcd = EtcdServer::start()
             .await
             .context("cannot start the local etcd for --standalone")?;
@@ -182,14 +195,9 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let params =
-        match args
-            .target
-            .parameters(args.nnodes, args.local_addr.as_deref(), args.node_rank)
-        {
-            Ok(p) => p,
-            Err(e) => return usage_error(format!("{e:#}")),
-        };
+    let params = args
+        .target
+        .parameters(args.nnodes, args.local_addr.as_deref(), args.node_rank)?;
     let run_id = params.run_id.clone();
     let handler = Arc::new(
         EtcdRendezvousHandler::connect(&params)
@@ -521,6 +529,24 @@ mod tests {
         assert!(nproc("0").is_err());
         assert!(nproc("-1").is_err());
         assert!(nproc("gpu").is_err());
+    }
+
+    #[test]
+    fn duration_flags_are_bounded() {
+        assert_eq!(monitor_interval("0.1"), Ok(Duration::from_millis(100)));
+        assert_eq!(monitor_interval("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["0", "0s", "2h", "18446744073709551615", "-1", "x"] {
+            assert!(monitor_interval(bad).is_err(), "{bad}");
+        }
+        assert_eq!(timeout("0"), Ok(Duration::ZERO));
+        assert_eq!(timeout("7d"), Ok(rdzv::MAX_TIMEOUT));
+        for bad in ["8d", "18446744073709551615", "-5s"] {
+            let reason = timeout(bad).unwrap_err();
+            assert!(
+                reason.contains("7d") || reason.contains("negative"),
+                "{bad}: {reason}"
+            );
+        }
     }
 
     #[test]

@@ -23,8 +23,22 @@
 //! Without `password` or `password_file`, a `username` takes its password from the environment
 //! variable `RDZV_ETCD_PASSWORD`. Workers started by `rdzv run` never get the password.
 //!
-//! Durations are seconds (`30`, `1.5`) or humantime (`30s`, `2m`).
+//! Any other key is an error, except the keys of PyTorch's other backends, which are accepted
+//! with a warning; `join_timeout` is used as `timeout` when `timeout` is not given (see
+//! [`super::conf_keys`]).
+//!
+//! Durations are seconds (`30`, `1.5`) or humantime (`30s`, `2m`). Every duration is bounded,
+//! so that no value can overflow a deadline, a lease TTL or a count of milliseconds; a value
+//! outside its range is an error naming the key and the range:
+//!
+//! | key | accepted |
+//! |---|---|
+//! | `timeout` (and `join_timeout`), `connect_timeout`, `request_timeout` | 1ms to 7d ([`MAX_TIMEOUT`]) |
+//! | `last_call_timeout`, `store_timeout` | 0s to 7d |
+//! | `keep_alive_ttl` | 2s to 7d |
+//! | `retention` | 2s to 365d ([`MAX_RETENTION`]), and at least `keep_alive_ttl` |
 
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -33,7 +47,7 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use super::client::EtcdClient;
 
 use crate::endpoint::{parse_endpoints, Endpoint, Scheme};
-use crate::{ParameterError, RendezvousError, RendezvousParameters};
+use crate::{ParameterError, RendezvousError, RendezvousParameters, MAX_RETENTION, MAX_TIMEOUT};
 
 /// The default etcd client port.
 pub const DEFAULT_ETCD_PORT: u16 = 2379;
@@ -112,12 +126,20 @@ pub struct RendezvousSettings {
     pub max_nodes: usize,
 }
 
+/// The shortest timeout of the settings that must be positive.
+const MIN_POSITIVE: Duration = Duration::from_millis(1);
+
+/// The shortest `keep_alive_ttl` (the lease is renewed every third of it).
+const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// The duration at `key` (or `default`), within `range`.
 fn duration(
     params: &RendezvousParameters,
     key: &str,
     default: Duration,
+    range: RangeInclusive<Duration>,
 ) -> Result<Duration, ParameterError> {
-    Ok(params.get_duration(key)?.unwrap_or(default))
+    Ok(params.get_duration_in(key, range)?.unwrap_or(default))
 }
 
 fn path(params: &RendezvousParameters, key: &str) -> Option<PathBuf> {
@@ -172,9 +194,12 @@ impl ConnectionOptions {
     /// Reads the connection options from parameters.
     ///
     /// # Errors
-    /// [`RendezvousError::Parameters`] for a bad endpoint, protocol, duration, or TLS/auth
-    /// options given only in part (`cert` without `key`, `username` without `password`).
+    /// [`RendezvousError::InvalidConfig`] for an unknown configuration key (see
+    /// [`super::conf_keys`]), a bad endpoint, protocol, or TLS/auth options given only in part
+    /// (`cert` without `key`, `username` without `password`); [`RendezvousError::Parameters`]
+    /// for a malformed or out-of-range duration.
     pub fn from_parameters(params: &RendezvousParameters) -> Result<Self, RendezvousError> {
+        super::conf_keys::check_keys(params)?;
         let bad = |key: &str, reason: String| RendezvousError::InvalidConfig {
             key: key.to_string(),
             reason,
@@ -202,11 +227,17 @@ impl ConnectionOptions {
             key: path(params, "key"),
             username: params.get("username").map(str::to_string),
             password: password(params)?,
-            connect_timeout: duration(params, "connect_timeout", Duration::from_secs(5))?,
+            connect_timeout: duration(
+                params,
+                "connect_timeout",
+                Duration::from_secs(5),
+                MIN_POSITIVE..=MAX_TIMEOUT,
+            )?,
             request_timeout: duration(
                 params,
                 "request_timeout",
                 super::client::DEFAULT_REQUEST_TIMEOUT,
+                MIN_POSITIVE..=MAX_TIMEOUT,
             )?,
             probe_key: format!(
                 "{}/",
@@ -238,12 +269,6 @@ impl ConnectionOptions {
                  (or https:// endpoints)"
                     .into(),
             ));
-        }
-        if options.request_timeout.is_zero() {
-            return Err(bad("request_timeout", "must be greater than zero".into()));
-        }
-        if options.connect_timeout.is_zero() {
-            return Err(bad("connect_timeout", "must be greater than zero".into()));
         }
         Ok(options)
     }
@@ -407,9 +432,12 @@ impl RendezvousSettings {
     /// Reads the protocol settings from parameters.
     ///
     /// # Errors
-    /// [`RendezvousError::Parameters`] for a malformed value, a zero timeout or TTL, or a prefix
-    /// that is not an absolute key path.
+    /// [`RendezvousError::InvalidConfig`] for an unknown configuration key (see
+    /// [`super::conf_keys`]), a prefix that is not an absolute key path or a value out of
+    /// range; [`RendezvousError::Parameters`] for a malformed value or a duration out of range
+    /// (see the module docs).
     pub fn from_parameters(params: &RendezvousParameters) -> Result<Self, RendezvousError> {
+        super::conf_keys::check_keys(params)?;
         let bad = |key: &str, reason: &str| RendezvousError::InvalidConfig {
             key: key.to_string(),
             reason: reason.to_string(),
@@ -421,11 +449,37 @@ impl RendezvousSettings {
         }
         let settings = Self {
             prefix,
-            timeout: duration(params, "timeout", Duration::from_secs(600))?,
-            last_call_timeout: duration(params, "last_call_timeout", Duration::from_secs(30))?,
-            keep_alive_ttl: duration(params, "keep_alive_ttl", Duration::from_secs(10))?,
-            retention: duration(params, "retention", Duration::from_secs(3600))?,
-            store_timeout: duration(params, "store_timeout", Duration::from_secs(300))?,
+            timeout: {
+                // PyTorch's c10d/etcd-v2 name, used when `timeout` is not given (see
+                // `conf_keys`); its value is checked either way.
+                let join = params.get_duration_in("join_timeout", MIN_POSITIVE..=MAX_TIMEOUT)?;
+                let timeout = params.get_duration_in("timeout", MIN_POSITIVE..=MAX_TIMEOUT)?;
+                timeout.or(join).unwrap_or(Duration::from_secs(600))
+            },
+            last_call_timeout: duration(
+                params,
+                "last_call_timeout",
+                Duration::from_secs(30),
+                Duration::ZERO..=MAX_TIMEOUT,
+            )?,
+            keep_alive_ttl: duration(
+                params,
+                "keep_alive_ttl",
+                Duration::from_secs(10),
+                MIN_TTL..=MAX_TIMEOUT,
+            )?,
+            retention: duration(
+                params,
+                "retention",
+                Duration::from_secs(3600),
+                MIN_TTL..=MAX_RETENTION,
+            )?,
+            store_timeout: duration(
+                params,
+                "store_timeout",
+                Duration::from_secs(300),
+                Duration::ZERO..=MAX_TIMEOUT,
+            )?,
             node_rank: match params.get_int("node_rank")? {
                 Some(r) if r < 0 => return Err(bad("node_rank", "must not be negative")),
                 r => r.map(|r| r as u64),
@@ -439,12 +493,6 @@ impl RendezvousSettings {
             min_nodes: params.min_nodes,
             max_nodes: params.max_nodes,
         };
-        if settings.timeout.is_zero() {
-            return Err(bad("timeout", "must be greater than zero"));
-        }
-        if settings.keep_alive_ttl < Duration::from_secs(2) {
-            return Err(bad("keep_alive_ttl", "must be at least 2 seconds"));
-        }
         if settings.retention < settings.keep_alive_ttl {
             return Err(bad("retention", "must be at least keep_alive_ttl"));
         }
@@ -495,4 +543,126 @@ async fn probe_until(
 fn secs_ceil(d: Duration) -> i64 {
     let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     i64::try_from(s).unwrap_or(i64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(conf: &str) -> RendezvousParameters {
+        RendezvousParameters::new("etcd", "127.0.0.1:2379", "job", 1, 2)
+            .and_then(|p| p.with_config_str(conf))
+            .unwrap_or_else(|e| panic!("{conf}: {e}"))
+    }
+
+    fn settings(conf: &str) -> Result<RendezvousSettings, RendezvousError> {
+        RendezvousSettings::from_parameters(&params(conf))
+    }
+
+    fn connection(conf: &str) -> Result<ConnectionOptions, RendezvousError> {
+        ConnectionOptions::from_parameters(&params(conf))
+    }
+
+    /// Bad input (issue 10): `timeout=18446744073709551615` overflowed an `Instant` (a panic),
+    /// `last_call_timeout=18446744073709551615` wrapped to about zero in milliseconds. Every
+    /// duration is bounded when the settings are read, and the error names the key and the
+    /// accepted range.
+    #[test]
+    fn huge_or_zero_durations_are_rejected_naming_the_key_and_the_range() {
+        let huge = "18446744073709551615";
+        for (key, range) in [
+            ("timeout", "1ms to 7d"),
+            ("last_call_timeout", "0s to 7d"),
+            ("keep_alive_ttl", "2s to 7d"),
+            ("retention", "2s to 365d"),
+            ("store_timeout", "0s to 7d"),
+            ("connect_timeout", "1ms to 7d"),
+            ("request_timeout", "1ms to 7d"),
+        ] {
+            let above = if key == "retention" { "366d" } else { "8d" };
+            for value in [huge, above, "99999999h"] {
+                let conf = format!("{key}={value}");
+                let err = match settings(&conf).and_then(|_| connection(&conf).map(|_| ())) {
+                    Err(e) => e.to_string(),
+                    Ok(()) => panic!("{conf} accepted"),
+                };
+                assert!(
+                    err.contains(&format!("'{key}'")) && err.contains(range),
+                    "{conf}: {err}"
+                );
+            }
+        }
+        for key in ["timeout", "connect_timeout", "request_timeout"] {
+            let conf = format!("{key}=0");
+            let err = match settings(&conf).and_then(|_| connection(&conf).map(|_| ())) {
+                Err(e) => e.to_string(),
+                Ok(()) => panic!("{conf} accepted"),
+            };
+            assert!(
+                err.contains(key) && err.contains("1ms to 7d"),
+                "{conf}: {err}"
+            );
+        }
+        let err = settings("retention=366d").unwrap_err().to_string();
+        assert!(err.contains("'retention'") && err.contains("365d"), "{err}");
+        let err = settings("keep_alive_ttl=1s").unwrap_err().to_string();
+        assert!(err.contains("'keep_alive_ttl'"), "{err}");
+    }
+
+    /// `join_timeout` (PyTorch's c10d name) is `timeout` when `timeout` is not given; its value
+    /// is checked either way.
+    #[test]
+    fn join_timeout_is_an_alias_of_timeout_when_timeout_is_not_given() {
+        let s = |conf: &str| settings(conf).map(|s| s.timeout);
+        assert_eq!(s("join_timeout=60").unwrap(), Duration::from_secs(60));
+        assert_eq!(
+            s("join_timeout=60,timeout=30").unwrap(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(s("").unwrap(), Duration::from_secs(600));
+        for conf in [
+            "join_timeout=x",
+            "join_timeout=8d,timeout=1",
+            "join_timeout=0",
+        ] {
+            let err = settings(conf).unwrap_err().to_string();
+            assert!(err.contains("'join_timeout'"), "{conf}: {err}");
+        }
+    }
+
+    /// Unknown keys are rejected by both readers of the configuration.
+    #[test]
+    fn unknown_keys_are_rejected_by_settings_and_connection_options() {
+        for err in [
+            settings("timeuot=60").unwrap_err(),
+            connection("timeuot=60").unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, RendezvousError::InvalidConfig { key, .. } if key == "timeuot"),
+                "{err}"
+            );
+        }
+    }
+
+    /// The largest accepted values keep the internal arithmetic in range: deadlines, lease
+    /// TTLs in seconds and the last call in milliseconds.
+    #[test]
+    fn largest_accepted_durations_keep_the_arithmetic_in_range() {
+        let s = settings(
+            "timeout=7d,last_call_timeout=7d,keep_alive_ttl=7d,retention=365d,store_timeout=7d",
+        )
+        .unwrap();
+        let now = tokio::time::Instant::now();
+        for d in [s.timeout, s.last_call_timeout, s.store_timeout, s.retention] {
+            assert!(now.checked_add(d).is_some());
+        }
+        assert_eq!(s.keep_alive_ttl_secs(), 7 * 86_400);
+        assert_eq!(s.retention_secs(), 365 * 86_400);
+        assert_eq!(
+            u64::try_from(s.last_call_timeout.as_millis()),
+            Ok(7 * 86_400_000)
+        );
+        let c = connection("connect_timeout=7d,request_timeout=7d").unwrap();
+        assert_eq!(c.connect_timeout, Duration::from_secs(7 * 86_400));
+    }
 }

@@ -423,16 +423,31 @@ async fn ensure_run_lease(
     }
 }
 
-/// The round number a key holds.
-pub(super) fn parse_round(kv: &super::api::KeyValue) -> Result<u64, RendezvousError> {
-    std::str::from_utf8(kv.value())
+/// The largest round number: round numbers are zero-padded to 12 digits in keys (see
+/// [`super::keys`]), and one more round must still fit.
+pub const MAX_ROUND: u64 = 999_999_999_998;
+
+/// The round number a key holds: the decimal text rdzv writes (no sign, no leading zeros,
+/// no whitespace), from 1 to [`MAX_ROUND`].
+///
+/// # Errors
+/// [`RendezvousError::State`] naming the key for anything else (foreign data).
+pub(crate) fn parse_round(kv: &super::api::KeyValue) -> Result<u64, RendezvousError> {
+    parse_round_value(kv.key(), kv.value())
+}
+
+/// [`parse_round`] on a key and value.
+pub(crate) fn parse_round_value(key: &[u8], value: &[u8]) -> Result<u64, RendezvousError> {
+    std::str::from_utf8(value)
         .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|r| *r > 0)
+        .and_then(|s| s.parse::<u64>().ok().filter(|r| r.to_string() == s))
+        .filter(|r| (1..=MAX_ROUND).contains(r))
         .ok_or_else(|| {
             RendezvousError::State(format!(
-                "key '{}' should hold a round number",
-                String::from_utf8_lossy(kv.key())
+                "key '{}' should hold a round number from 1 to {MAX_ROUND}, not {:?}; was it \
+                 written by something else?",
+                String::from_utf8_lossy(key),
+                String::from_utf8_lossy(&value[..value.len().min(64)])
             ))
         })
 }
@@ -603,14 +618,12 @@ impl RendezvousHandler for EtcdRendezvousHandler {
     }
 
     async fn is_closed(&self) -> Result<bool, RendezvousError> {
-        let resp = self
-            .client
-            .get(
-                self.keys.closed(),
-                Some(GetOptions::new().with_count_only()),
-            )
-            .await?;
-        Ok(resp.count() > 0)
+        let resp = self.client.get(self.keys.closed(), None).await?;
+        match resp.kvs().first() {
+            // Foreign data is a state error, not a closed run.
+            Some(kv) => decode::<ClosedRecord>(kv.key(), kv.value()).map(|_| true),
+            None => Ok(false),
+        }
     }
 
     async fn set_closed(&self) -> Result<(), RendezvousError> {
@@ -624,13 +637,16 @@ impl RendezvousHandler for EtcdRendezvousHandler {
             let run_lease = self.run_lease_id().await?;
             let resp = self
                 .retry_transient("close", || {
-                    self.client.txn(Txn::new().and_then([
-                        TxnOp::get(k.current(), None),
-                        TxnOp::get(k.closed(), Some(GetOptions::new().with_count_only())),
-                    ]))
+                    self.client.txn(
+                        Txn::new().and_then([
+                            TxnOp::get(k.current(), None),
+                            TxnOp::get(k.closed(), None),
+                        ]),
+                    )
                 })
                 .await?;
-            if resp.get(1).is_some_and(|g| g.count() > 0) {
+            if let Some(kv) = resp.get(1).and_then(|g| g.kvs().first()) {
+                decode::<ClosedRecord>(kv.key(), kv.value())?;
                 let _ = self.events.send(MembershipEvent::Closed);
                 return Ok(());
             }

@@ -9,7 +9,9 @@ use tokio::time::Instant;
 
 use super::api::{Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use super::keys::{prefix_end, RunKeys};
-use super::records::{decode, encode, Assignment, Claim, FinalRecord, LastCall, NodeRecord};
+use super::records::{
+    decode, encode, Assignment, Claim, ClosedRecord, FinalRecord, LastCall, NodeRecord,
+};
 use super::rendezvous::{lease_gone_error, parse_round, EtcdRendezvousHandler, RoundState};
 use super::watch::{RangeWatch, WatchItem};
 use crate::RendezvousError;
@@ -306,7 +308,7 @@ impl EtcdRendezvousHandler {
             .and_then(ops)
             .or_else([
                 TxnOp::get(k.current(), None),
-                TxnOp::get(k.closed(), Some(GetOptions::new().with_count_only())),
+                TxnOp::get(k.closed(), None),
                 TxnOp::get(k.final_key(round), None),
                 TxnOp::get(k.assign(round, me), None),
                 TxnOp::get(
@@ -316,7 +318,9 @@ impl EtcdRendezvousHandler {
             ]);
         let resp = self.client.txn(txn).await?;
         if !resp.succeeded() {
-            if resp.get(1).is_some_and(|g| g.count() > 0) {
+            if let Some(kv) = resp.get(1).and_then(|g| g.kvs().first()) {
+                // Foreign data is a state error, not a closed run.
+                decode::<ClosedRecord>(kv.key(), kv.value())?;
                 return Ok(JoinOutcome::Closed);
             }
             let current = match resp.get(0).and_then(|g| g.kvs().first()) {

@@ -866,7 +866,7 @@ impl EtcdServer {
     /// Cancel safe, as [`start`](Self::start).
     pub async fn start_with(options: EtcdServerOptions) -> Result<Self, EtcdServerError> {
         let binary = resolve_binary(&options)?;
-        let deadline = Instant::now() + options.ready_timeout;
+        let deadline = super::deadline_after(options.ready_timeout);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -1082,7 +1082,7 @@ impl EtcdCluster {
     /// Cancel safe, as [`start`](Self::start).
     pub async fn start_with(options: EtcdServerOptions) -> Result<Self, EtcdServerError> {
         let binary = resolve_binary(&options)?;
-        let deadline = Instant::now() + options.ready_timeout;
+        let deadline = super::deadline_after(options.ready_timeout);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -1381,7 +1381,7 @@ impl EtcdCluster {
         member.proc.kill();
         member.proc = member.spec.spawn(&binary, &extra_args, true)?;
         let endpoint = member.spec.endpoint();
-        let deadline = Instant::now() + ready_timeout;
+        let deadline = super::deadline_after(ready_timeout);
         let waited = wait_ready(&mut [&mut member.proc], deadline, || {
             probe_member(&endpoint, &peer_urls, tls.as_ref())
         })

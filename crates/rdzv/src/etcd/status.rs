@@ -47,9 +47,27 @@ pub struct RunStatus {
     pub members: Vec<MemberStatus>,
 }
 
-/// Reads the status of a run.
+/// Whether the run has any key (a node created it, and its keys have not expired).
 ///
 /// # Errors
+/// [`RendezvousError::Connection`].
+///
+/// # Cancel safety
+/// Cancel safe.
+pub async fn run_exists(client: &EtcdClient, keys: &RunKeys) -> Result<bool, RendezvousError> {
+    let resp = client
+        .get(
+            keys.run_prefix(),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?;
+    Ok(resp.count() > 0)
+}
+
+/// Reads the status of a run (writes nothing).
+///
+/// # Errors
+/// [`RendezvousError::NoSuchRun`] if the run has no key (see [`run_exists`]),
 /// [`RendezvousError::Connection`], or [`RendezvousError::State`] for records we cannot read.
 ///
 /// # Cancel safety
@@ -59,6 +77,11 @@ pub async fn read_status(
     keys: &RunKeys,
     run_id: &str,
 ) -> Result<RunStatus, RendezvousError> {
+    if !run_exists(client, keys).await? {
+        return Err(RendezvousError::NoSuchRun {
+            run_id: run_id.to_string(),
+        });
+    }
     let closed = client.get(keys.closed(), None).await?;
     let closed_by = match closed.kvs().first() {
         Some(kv) => Some(decode::<ClosedRecord>(kv.key(), kv.value())?),
@@ -66,15 +89,7 @@ pub async fn read_status(
     };
     let current = client.get(keys.current(), None).await?;
     let open_round = match current.kvs().first() {
-        Some(kv) => std::str::from_utf8(kv.value())
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                RendezvousError::State(format!(
-                    "key '{}' should hold a round number",
-                    keys.current()
-                ))
-            })?,
+        Some(kv) => super::rendezvous::parse_round(kv)?,
         None => 1,
     };
     let open = client

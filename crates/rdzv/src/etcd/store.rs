@@ -138,7 +138,7 @@ impl Store for EtcdStore {
             return Ok(kv.value().to_vec());
         }
         let revision = resp.revision();
-        let deadline = Instant::now() + timeout;
+        let deadline = super::deadline_after(timeout);
         let mut end = full.clone().into_bytes();
         end.push(0);
         let mut watch = RangeWatch::open(&self.client, full.clone(), end, revision + 1).await?;
@@ -268,7 +268,7 @@ impl Store for EtcdStore {
     }
 
     async fn wait(&self, keys: &[&str], timeout: Duration) -> Result<(), RendezvousError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = super::deadline_after(timeout);
         let (found, revision) = self.existing(keys).await?;
         let mut missing: std::collections::BTreeSet<String> = keys
             .iter()

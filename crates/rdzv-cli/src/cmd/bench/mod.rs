@@ -143,17 +143,20 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
 
-    /// The participants' keep_alive_ttl in seconds (how long a crash goes unnoticed).
-    #[arg(long, value_name = "SECS", default_value_t = 3)]
+    /// The participants' keep_alive_ttl in seconds (how long a crash goes unnoticed; 2 to
+    /// 604800, i.e. 7 days).
+    #[arg(long, value_name = "SECS", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(2..=MAX_SECS))]
     ttl: u64,
 
     /// The survivors' last_call_timeout in seconds in `kill` and `leave` (0: the new round
-    /// completes as soon as all survivors have joined).
+    /// completes as soon as all survivors have joined; at most 604800).
     #[arg(long, value_name = "SECS", default_value_t = 0.0)]
     last_call: f64,
 
-    /// Bound on one measured round (the participants' `timeout`), in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    /// Bound on one measured round (the participants' `timeout`), in seconds (1 to 604800).
+    #[arg(long, value_name = "SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     round_timeout: u64,
 
     /// How many handlers (and connections) are set up at once.
@@ -179,13 +182,18 @@ pub struct BenchArgs {
     profile: bool,
 }
 
+/// The longest duration a bench flag takes, in seconds ([`rdzv::MAX_TIMEOUT`]).
+const MAX_SECS: u64 = rdzv::MAX_TIMEOUT.as_secs();
+
 /// Runs `rdzv bench`.
 ///
 /// # Errors
-/// If etcd cannot be started or reached, or a measurement cannot be set up. A failed
-/// measurement (timeout, wrong ranks) is reported on its line and makes the exit code 1.
+/// A usage error (exit code 2) for bad flags or configuration, found before etcd is started or
+/// reached; another error if etcd cannot be started or reached, or a measurement cannot be set
+/// up. A failed measurement (timeout, wrong ranks) is reported on its line and makes the exit
+/// code 1.
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    validate(&args)?;
+    validate(&args).map_err(|e| crate::usage::usage(format!("{e:#}")))?;
     // The participants get a runtime of their own (its threads can carry the profiler), on a
     // thread of its own (a runtime cannot be started from within another).
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -208,7 +216,7 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
         "--scenario needs at least one scenario"
     );
     for &n in &args.nodes {
-        ensure!(n >= 1, "job sizes must be at least 1");
+        ensure!(n >= 1, "--nodes: job sizes must be at least 1");
         if args
             .scenario
             .iter()
@@ -221,14 +229,9 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     ensure!(args.runs >= 1, "--runs must be at least 1");
-    ensure!(args.ttl >= 2, "--ttl must be at least 2 seconds");
     ensure!(
-        args.last_call.is_finite() && args.last_call >= 0.0,
-        "--last-call must be a non-negative number of seconds"
-    );
-    ensure!(
-        args.round_timeout >= 1,
-        "--round-timeout must be at least 1"
+        args.last_call.is_finite() && (0.0..=MAX_SECS as f64).contains(&args.last_call),
+        "--last-call must be a number of seconds from 0 to {MAX_SECS}"
     );
     ensure!(
         args.setup_concurrency >= 1,
@@ -243,7 +246,22 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
     if args.endpoint.is_some() && !args.etcd_args.is_empty() {
         bail!("--etcd-arg applies only to the etcd this command starts (no --rdzv-endpoint)");
     }
-    rdzv::parse_config(&args.conf).context("invalid --rdzv-conf")?;
+    // The participants' configuration, checked as the etcd backend will read it.
+    let params = RendezvousParameters::new(
+        "etcd",
+        args.endpoint.as_deref().unwrap_or("127.0.0.1"),
+        "bench",
+        1,
+        1,
+    )?
+    .with_config("last_call_timeout", format!("{}", args.last_call))
+    .with_config("keep_alive_ttl", args.ttl.to_string())
+    .with_config("timeout", args.round_timeout.to_string())
+    .with_config_str(&args.conf)
+    .context("invalid --rdzv-conf")?;
+    ConnectionOptions::from_parameters(&params)
+        .context("invalid --rdzv-endpoint or --rdzv-conf")?;
+    RendezvousSettings::from_parameters(&params).context("invalid --rdzv-conf")?;
     Ok(())
 }
 
