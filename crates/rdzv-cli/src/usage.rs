@@ -3,8 +3,8 @@
 //! | code | meaning |
 //! |---|---|
 //! | 0 | success |
-//! | 1 | a runtime failure: etcd unreachable or refusing us, a rendezvous that timed out or found a foreign state, an unknown run (`status`, `close` without `--force`), `run`: a worker group that failed after its restarts, a run closed by another node |
-//! | 2 | a usage or configuration error: a bad flag, endpoint, run id, `--rdzv-conf` key or value; found before anything is started or connected to |
+//! | 1 | a runtime failure: a rendezvous that timed out, an unknown run (`status`, `close` without `--force`), `run`: a worker group that failed after its restarts, a run closed by another node |
+//! | 2 | bad input: a usage or configuration error (a bad flag, endpoint, run id, `--rdzv-conf` key or value; found before anything is started or connected to), an etcd that cannot be reached or refuses us (wrong endpoint, credentials or permissions), data under the run's keys that is not rdzv's |
 //! | 128 + N | `run`, `join --hold`: stopped by signal N (130 for SIGINT, 143 for SIGTERM) |
 
 use std::fmt;
@@ -49,10 +49,22 @@ pub fn is_usage_error(err: &anyhow::Error) -> bool {
     })
 }
 
-/// The exit code for an error that ended a command: [`USAGE`] for usage and configuration
-/// errors, 1 for anything else.
+/// Whether `err` (or any error in its chain) says that etcd could not be used as given
+/// (unreachable, refusing us) or holds data under our keys that is not ours.
+pub fn is_bad_backend(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        matches!(
+            e.downcast_ref::<RendezvousError>(),
+            Some(RendezvousError::Connection(_) | RendezvousError::State(_))
+        )
+    })
+}
+
+/// The exit code for an error that ended a command: [`USAGE`] for bad input (usage and
+/// configuration errors, an etcd that cannot be used as given, foreign data), 1 for anything
+/// else.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if is_usage_error(err) {
+    if is_usage_error(err) || is_bad_backend(err) {
         USAGE
     } else {
         1
@@ -87,10 +99,19 @@ mod tests {
         for err in &usage_errors {
             assert_eq!(exit_code(err), 2, "{err:#}");
         }
+        let bad_backend = [
+            anyhow::Error::new(RendezvousError::Connection("refused".into())),
+            Err::<(), _>(RendezvousError::State("garbage".into()))
+                .context("cannot join")
+                .unwrap_err(),
+        ];
+        for err in &bad_backend {
+            assert!(!is_usage_error(err), "{err:#}");
+            assert_eq!(exit_code(err), 2, "{err:#}");
+        }
         let runtime_errors = [
             anyhow::anyhow!("etcd exited"),
-            anyhow::Error::new(RendezvousError::Connection("refused".into())),
-            anyhow::Error::new(RendezvousError::State("garbage".into())),
+            anyhow::Error::new(RendezvousError::NoSuchRun { run_id: "x".into() }),
             Err::<(), _>(RendezvousError::Timeout("slow".into()))
                 .context("rendezvous failed")
                 .unwrap_err(),

@@ -278,7 +278,7 @@ fn bench_usage_errors_exit_2_before_starting_anything() {
 
 /// Runtime failures keep exit code 1: etcd unreachable.
 #[test]
-fn an_unreachable_etcd_exits_1() {
+fn an_unreachable_etcd_exits_2() {
     for sub in TARGET_SUBCOMMANDS {
         let args = target_args(
             sub,
@@ -289,7 +289,7 @@ fn an_unreachable_etcd_exits_1() {
         let (code, stdout, stderr, _) = rdzv_run(&args);
         assert_eq!(
             code,
-            1,
+            2,
             "rdzv {}: stdout {stdout:?}; stderr:\n{stderr}",
             args.join(" ")
         );
@@ -298,7 +298,7 @@ fn an_unreachable_etcd_exits_1() {
 }
 
 /// The keys PyTorch's other backends take are accepted with a warning that says what rdzv does
-/// with them (the command then fails only because etcd is unreachable: exit 1, not 2).
+/// with them (the command then fails only because etcd is unreachable, which the error says).
 #[test]
 fn pytorch_backend_keys_are_accepted_with_a_warning() {
     for (key, needle) in [
@@ -316,7 +316,11 @@ fn pytorch_backend_keys_are_accepted_with_a_warning() {
         let conf = format!("connect_timeout=1,{key}");
         let args = target_args("status", CLOSED, Some("job"), &["--rdzv-conf", &conf]);
         let (code, _, stderr, _) = rdzv_run(&args);
-        assert_eq!(code, 1, "{key}: {stderr}");
+        assert_eq!(code, 2, "{key}: {stderr}");
+        assert!(
+            stderr.contains("127.0.0.1:1") && !stderr.contains("unknown"),
+            "{key} is accepted; only etcd is unreachable: {stderr}"
+        );
         let warnings: Vec<&str> = stderr
             .lines()
             .filter(|l| l.contains("WARN") && l.contains(&format!("'{needle}'")))

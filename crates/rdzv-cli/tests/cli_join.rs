@@ -439,7 +439,8 @@ fn bad_flags_are_rejected_with_a_message() {
 
 /// Bad input (issue 10): a garbage `current` (as `etcdctl put /rdzv/<run>/current garbage`
 /// writes it) was overwritten by `rdzv join` while `rdzv status` reported a state error. Now
-/// `join`, `status` and `close` all fail (exit 1) naming the key, and the key is left as it is.
+/// `join`, `status` and `close` all fail (exit 2: bad input) naming the key, and the key is
+/// left as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_current_fails_join_status_and_close_naming_the_key() {
     let etcd = start_etcd().await;
@@ -457,7 +458,7 @@ async fn garbage_current_fails_join_status_and_close_naming_the_key() {
         }
         let (code, stdout, stderr) =
             tokio::task::block_in_place(|| run_to_end(cmd, dir.path(), sub, WAIT));
-        assert_eq!(code, 1, "{sub}: stdout {stdout:?}, stderr:\n{stderr}");
+        assert_eq!(code, 2, "{sub}: stdout {stdout:?}, stderr:\n{stderr}");
         assert!(stdout.is_empty(), "{sub}: {stdout:?}");
         assert!(
             stderr.contains(&key) && stderr.contains("state"),
