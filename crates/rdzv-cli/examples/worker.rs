@@ -163,7 +163,10 @@ fn read_env() -> Env {
     let run_id = required("TORCHELASTIC_RUN_ID");
     let use_agent_store = required("TORCHELASTIC_USE_AGENT_STORE");
     let _nccl = required("TORCH_NCCL_ASYNC_ERROR_HANDLING");
-    let _omp = required("OMP_NUM_THREADS");
+    // torchrun sets OMP_NUM_THREADS=1 only with more than one worker per node.
+    if local_world_size > 1 {
+        let _omp = required("OMP_NUM_THREADS");
+    }
     let _error_file = required("TORCHELASTIC_ERROR_FILE");
 
     check(

@@ -440,8 +440,7 @@ fn log_dir_attempt_is_the_restart_count_across_membership_changes() {
     let (job, logs) = grow_to_three_nodes("run-grow-logs", true);
     for (i, dir) in logs.iter().enumerate() {
         for s in job.agent_records(i).starts.iter().filter(|s| s.world == 6) {
-            let file = dir
-                .join(&job.id)
+            let file = run_log_dir(dir, &job.id)
                 .join("attempt_0")
                 .join(s.local_rank.to_string())
                 .join("stdout.log");
@@ -708,6 +707,29 @@ fn list_files(dir: &Path) -> Vec<String> {
     out
 }
 
+/// The one directory `<log dir>/<run id>_<random>/` an agent made, as torchrun's layout.
+fn run_log_dir(logs: &Path, run_id: &str) -> PathBuf {
+    let prefix = format!("{run_id}_");
+    let found: Vec<PathBuf> = std::fs::read_dir(logs)
+        .unwrap_or_else(|e| panic!("cannot list {} ({e})", logs.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one <run_id>_<random> directory expected in {}: {found:?}",
+        logs.display()
+    );
+    found.into_iter().next().unwrap_or_default()
+}
+
 #[test]
 fn log_dir_holds_per_attempt_files() {
     let mut job = Job::new("run-logs");
@@ -722,7 +744,7 @@ fn log_dir_holds_per_attempt_files() {
     );
     job.expect_all_exit(0);
     let context = format!("{}\n--- log files: {:?}", job.describe(), list_files(&logs));
-    let root = logs.join(&job.id);
+    let root = run_log_dir(&logs, &job.id);
     let read = |rel: &str| {
         std::fs::read_to_string(root.join(rel))
             .unwrap_or_else(|e| panic!("cannot read {rel} ({e})\n{context}"))

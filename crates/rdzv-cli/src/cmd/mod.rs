@@ -2,8 +2,10 @@
 
 pub mod bench;
 pub mod close;
+pub mod devices;
 pub mod etcd;
 pub mod join;
+pub mod launch;
 pub mod membership;
 pub mod rdzv_args;
 pub mod run;

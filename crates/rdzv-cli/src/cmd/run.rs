@@ -16,6 +16,7 @@ use rdzv::etcd::{EtcdRendezvousHandler, EtcdServer};
 use rdzv::{MembershipEvent, RendezvousHandler, RendezvousInfo, Store};
 use tokio::sync::broadcast;
 
+use super::launch::{self, Mode};
 use super::membership::{round_end, RoundEnd};
 use super::rdzv_args::{NodeRange, RendezvousTarget};
 use super::signals::{Termination, TerminationSignals};
@@ -33,7 +34,8 @@ pub struct RunArgs {
     #[arg(long, env = "PET_NNODES", default_value = "1:1")]
     nnodes: NodeRange,
 
-    /// Workers per node: a number, or `auto`/`cpu` (one per CPU).
+    /// Workers per node: a number, `gpu` (one per visible NVIDIA GPU), `cpu` (one per CPU) or
+    /// `auto` (GPUs if any, else CPUs).
     #[arg(
         long = "nproc-per-node",
         alias = "nproc_per_node",
@@ -46,7 +48,7 @@ pub struct RunArgs {
     target: RendezvousTarget,
 
     /// Single-node job on an auto-started local etcd with a random run id.
-    #[arg(long, env = "PET_STANDALONE")]
+    #[arg(long, env = "PET_STANDALONE", value_parser = clap::builder::BoolishValueParser::new())]
     standalone: bool,
 
     /// Restarts of the worker group after a failure, before giving up.
@@ -103,8 +105,31 @@ pub struct RunArgs {
     )]
     start_method: Option<String>,
 
-    /// The worker command and its arguments (after `--`).
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    /// Run the training script as a Python module: `python -u -m <module> args…`.
+    #[arg(short = 'm', long = "module", env = "PET_MODULE", value_parser = clap::builder::BoolishValueParser::new())]
+    module: bool,
+
+    /// Run the entry point as a program, not through Python (as the `-- command` form does).
+    #[arg(long = "no-python", alias = "no_python", env = "PET_NO_PYTHON", value_parser = clap::builder::BoolishValueParser::new())]
+    no_python: bool,
+
+    /// torchrun runs the script with runpy in its own interpreter; rdzv runs it as with no
+    /// flag (`python -u script`), in a process of its own.
+    #[arg(long = "run-path", alias = "run_path", env = "PET_RUN_PATH", value_parser = clap::builder::BoolishValueParser::new())]
+    run_path: bool,
+
+    /// The workers' Python interpreter (default: python3, else python, on PATH).
+    #[arg(long = "python", env = "PYTHON")]
+    python: Option<OsString>,
+
+    /// The training script (a module with -m, a program with --no-python or after `--`) and
+    /// its arguments; `${local_rank}` in them is replaced by each worker's local rank.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "TRAINING_SCRIPT"
+    )]
     command: Vec<OsString>,
 }
 
@@ -121,22 +146,27 @@ fn timeout(text: &str) -> Result<Duration, String> {
     rdzv::parse_duration_in(text, Duration::ZERO..=rdzv::MAX_TIMEOUT)
 }
 
-fn nproc(text: &str) -> Result<usize, String> {
-    match text.trim() {
-        "auto" | "cpu" => Ok(std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)),
-        "gpu" => Err(
-            "`--nproc-per-node gpu` needs GPU detection, which rdzv does not do; give a number"
-                .into(),
-        ),
-        n => match n.parse::<usize>() {
-            Ok(0) | Err(_) => Err(format!(
-                "`{n}` is not a positive number of workers (or auto/cpu)"
-            )),
-            Ok(n) => Ok(n),
-        },
-    }
+/// The directory of this agent's worker logs, as torchrun makes it and keeps it:
+/// `<base>/<run_id>_<random>/`, where `<base>` is `--log-dir` or a new
+/// `/tmp/torchelastic_<random>/`.
+fn log_root(log_dir: Option<&std::path::Path>, run_id: &str) -> anyhow::Result<PathBuf> {
+    let base = match log_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the log directory {}", dir.display()))?;
+            dir.to_path_buf()
+        }
+        None => tempfile::Builder::new()
+            .prefix("torchelastic_")
+            .tempdir()
+            .context("cannot create a temporary log directory")?
+            .keep(),
+    };
+    Ok(tempfile::Builder::new()
+        .prefix(&format!("{run_id}_"))
+        .tempdir_in(&base)
+        .with_context(|| format!("cannot create a log directory in {}", base.display()))?
+        .keep())
 }
 
 /// A usage error (exit code 2, printed by `main`).
@@ -159,10 +189,42 @@ enum Outcome {
 /// If etcd cannot be reached, the rendezvous fails (timeout, state), or workers cannot be
 /// started.
 pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
-    let nproc = match nproc(&args.nproc_per_node) {
+    let nproc = match super::devices::nproc_per_node_here(&args.nproc_per_node) {
         Ok(n) => n,
         Err(e) => return usage_error(e),
     };
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let dashed = launch::is_dashed_form(&argv, &args.command);
+    let mode = Mode::from_flags(args.module, args.no_python, dashed).map_err(usage)?;
+    let python = match mode {
+        Mode::Program => None,
+        Mode::Script | Mode::Module => Some(
+            launch::python(args.python.as_deref(), |name| {
+                launch::find_on_path(name, std::env::var_os("PATH").as_deref())
+            })
+            .map_err(usage)?,
+        ),
+    };
+    let command = launch::command_line(mode, python.as_deref(), &args.command);
+    // Found before the node joins: a typo must not cost the job a membership change.
+    if launch::resolve_program(&command[0], std::env::var_os("PATH").as_deref()).is_none() {
+        return usage_error(format!(
+            "cannot run {:?}: no such executable{}",
+            command[0],
+            match mode {
+                Mode::Program => "",
+                Mode::Script | Mode::Module => " (the Python interpreter: see --python)",
+            }
+        ));
+    }
+    if nproc > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
+        tracing::warn!(
+            "\n*****************************************\nSetting OMP_NUM_THREADS environment \
+             variable for each process to be 1 in default, to avoid your system being \
+             overloaded, please further tune the variable for optimal performance in your \
+             application as needed. \n*****************************************"
+        );
+    }
     if args.start_method.is_some() {
         tracing::info!("--start-method is not needed by rdzv and is ignored");
     }
@@ -207,14 +269,8 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut events = handler
         .subscribe()
         .context("the etcd handler pushes events")?;
-    let temp_logs;
-    let log_root = match &args.log_dir {
-        Some(dir) => dir.join(&run_id),
-        None => {
-            temp_logs = tempfile::Builder::new().prefix("rdzv-run-").tempdir()?;
-            temp_logs.path().to_path_buf()
-        }
-    };
+    let log_root = log_root(args.log_dir.as_deref(), &run_id)?;
+    tracing::info!(log_dir = %log_root.display(), "worker logs and error files go here (kept)");
     let advertised = handler
         .node_record()
         .addrs
@@ -270,8 +326,8 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
             master = exchange => master.context("cannot agree on MASTER_ADDR/MASTER_PORT")?,
         };
         let spec = GroupSpec {
-            command: args.command.clone(),
-            env: worker_env(&args, &run_id, restart_count, info.round, &master),
+            command: command.clone(),
+            env: worker_env(&args, nproc, &run_id, restart_count, info.round, &master),
             env_remove: vec![rdzv::secrets::PASSWORD_ENV.to_string()],
             nproc,
             group_rank: info.rank,
@@ -373,6 +429,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
 
 fn worker_env(
     args: &RunArgs,
+    nproc: usize,
     run_id: &str,
     restart_count: u32,
     round: u64,
@@ -395,10 +452,10 @@ fn worker_env(
         "TORCH_NCCL_ASYNC_ERROR_HANDLING",
         std::env::var("TORCH_NCCL_ASYNC_ERROR_HANDLING").unwrap_or_else(|_| "1".into()),
     );
-    set(
-        "OMP_NUM_THREADS",
-        std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| "1".into()),
-    );
+    // As torchrun: one OpenMP thread per worker when several share the node, unless set.
+    if nproc > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
+        set("OMP_NUM_THREADS", "1".into());
+    }
     // The workers inherit the agent's environment, but never rdzv's credentials.
     if let Ok(conf) = std::env::var("PET_RDZV_CONF") {
         set("PET_RDZV_CONF", rdzv::secrets::without_secret_items(&conf));
@@ -521,15 +578,6 @@ fn humantime_time(t: std::time::SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nproc_values() {
-        assert_eq!(nproc("4"), Ok(4));
-        assert!(nproc("auto").unwrap() >= 1);
-        assert!(nproc("0").is_err());
-        assert!(nproc("-1").is_err());
-        assert!(nproc("gpu").is_err());
-    }
 
     #[test]
     fn duration_flags_are_bounded() {

@@ -213,8 +213,19 @@ impl WorkerGroup {
             .await
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let error_file = dir.join("error.json");
-        let mut cmd = Command::new(&spec.command[0]);
-        cmd.args(&spec.command[1..]);
+        // An error file left by an earlier start in this directory must not be blamed on
+        // this one.
+        match tokio::fs::remove_file(&error_file).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot clear the old {}", error_file.display()))
+            }
+        }
+        let line = super::launch::substitute_local_rank(&spec.command, local_rank);
+        let mut cmd = Command::new(&line[0]);
+        cmd.args(&line[1..]);
         for var in &spec.env_remove {
             cmd.env_remove(var);
         }
@@ -393,4 +404,34 @@ pub fn error_file_message(path: &Path) -> Option<String> {
             .unwrap_or_else(|| msg.to_string()),
         _ => text.trim().chars().take(2000).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (issue 12): a reused log directory blamed a new failure on an old run's
+    /// `error.json`; starting a worker clears it.
+    #[tokio::test]
+    async fn an_old_error_file_is_cleared_before_a_worker_starts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let attempt = dir.path().join("attempt_0");
+        std::fs::create_dir_all(attempt.join("0")).expect("dir");
+        let old = attempt.join("0/error.json");
+        std::fs::write(&old, "{\"message\": \"an old failure\"}").expect("old error file");
+        let spec = GroupSpec {
+            command: vec!["true".into()],
+            env: BTreeMap::new(),
+            env_remove: Vec::new(),
+            nproc: 1,
+            group_rank: 0,
+            group_world_size: 1,
+            attempt_dir: attempt,
+            redirects: Streams::default(),
+            tee: Streams::default(),
+        };
+        let mut group = WorkerGroup::start(&spec).await.expect("start");
+        assert!(!old.exists(), "the old error file is still there");
+        group.stop(Duration::from_secs(1)).await;
+    }
 }

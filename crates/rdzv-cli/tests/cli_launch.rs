@@ -1,0 +1,190 @@
+//! `rdzv run` runs what torchrun runs: `python -u train.py args…`, `-m module`, `--no-python`
+//! (and the `-- command` form), `${local_rank}` replaced, `OMP_NUM_THREADS` as torchrun sets
+//! it, `PET_*` booleans as torchrun parses them, and worker logs kept where it says.
+//! Single-node `--standalone` jobs with real Python workers (`python3` on `PATH`).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{rdzv, run_to_end, WAIT};
+
+/// A Python script that prints, for its worker, one line `rank=<R> argv=<json> cmdline=<json>
+/// omp=<OMP_NUM_THREADS or ->`.
+const SCRIPT: &str = r#"
+import json, os, sys
+cmdline = open("/proc/self/cmdline", "rb").read().split(b"\0")[:-1]
+print("rank=%s argv=%s cmdline=%s omp=%s" % (
+    os.environ["RANK"], json.dumps(sys.argv[1:]),
+    json.dumps([c.decode() for c in cmdline]), os.environ.get("OMP_NUM_THREADS", "-")),
+    flush=True)
+"#;
+
+fn standalone(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = rdzv();
+    cmd.args(["run", "--standalone"])
+        .args(args)
+        .current_dir(dir)
+        .env_remove("OMP_NUM_THREADS")
+        .env_remove("PYTHON");
+    cmd
+}
+
+fn lines_of(stdout: &str) -> Vec<&str> {
+    let mut lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("rank=")).collect();
+    lines.sort_unstable();
+    lines
+}
+
+#[test]
+fn a_script_runs_as_python_u_script_with_local_rank_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("train.py"), SCRIPT).expect("script");
+    let cmd = standalone(
+        dir.path(),
+        &[
+            "--nproc-per-node",
+            "2",
+            "train.py",
+            "--local-rank=${local_rank}",
+            "--",
+            "x",
+        ],
+    );
+    let (code, stdout, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let lines = lines_of(&stdout);
+    assert_eq!(lines.len(), 2, "{stdout}\n{stderr}");
+    for (rank, line) in lines.iter().enumerate() {
+        assert!(
+            line.contains(&format!(r#"argv=["--local-rank={rank}", "--", "x"]"#)),
+            "{line}"
+        );
+        assert!(
+            line.contains(r#", "-u", "train.py", "#),
+            "python -u train.py: {line}"
+        );
+        assert!(line.ends_with("omp=1"), "two workers per node: {line}");
+    }
+    assert!(
+        stderr.contains("Setting OMP_NUM_THREADS"),
+        "torchrun's warning: {stderr}"
+    );
+}
+
+#[test]
+fn a_module_runs_as_python_u_m_module() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("pkg")).expect("package");
+    std::fs::write(dir.path().join("pkg/__init__.py"), "").expect("package");
+    std::fs::write(dir.path().join("pkg/train.py"), SCRIPT).expect("module");
+    let mut cmd = standalone(dir.path(), &["-m", "pkg.train", "a"]);
+    cmd.env("PYTHONPATH", dir.path());
+    let (code, stdout, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let lines = lines_of(&stdout);
+    assert_eq!(lines.len(), 1, "{stdout}\n{stderr}");
+    assert!(lines[0].contains(r#"argv=["a"]"#), "{}", lines[0]);
+    assert!(lines[0].contains(r#""-u", "-m""#), "{}", lines[0]);
+    assert!(
+        lines[0].ends_with("omp=-"),
+        "one worker per node: OMP_NUM_THREADS is not set: {}",
+        lines[0]
+    );
+    assert!(!stderr.contains("Setting OMP_NUM_THREADS"), "{stderr}");
+}
+
+#[test]
+fn no_python_and_the_dashed_form_run_the_program_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for args in [
+        &["--no-python", "sh", "-c", "echo rank=$RANK prog"][..],
+        &["--", "sh", "-c", "echo rank=$RANK prog"][..],
+    ] {
+        let (code, stdout, stderr) =
+            run_to_end(standalone(dir.path(), args), dir.path(), "agent", WAIT);
+        assert_eq!(code, 0, "{args:?}: {stdout}\n{stderr}");
+        assert_eq!(lines_of(&stdout), ["rank=0 prog"], "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn the_interpreter_is_python_or_its_flag_and_a_missing_one_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("train.py"), SCRIPT).expect("script");
+    // A wrapper interpreter given by --python is used.
+    let wrapper = dir.path().join("mypython");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\necho wrapped >&2\nexec python3 \"$@\"\n",
+    )
+    .expect("wrapper");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let wrapper_text = wrapper.display().to_string();
+    let cmd = standalone(dir.path(), &["--python", &wrapper_text, "train.py"]);
+    let (code, stdout, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stderr.contains("wrapped"), "{stderr}");
+    // None found, or -m with --no-python: exit 2 before anything starts.
+    let mut cmd = standalone(dir.path(), &["train.py"]);
+    cmd.env("PATH", dir.path().join("empty"));
+    let (code, _, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--python"), "{stderr}");
+    let cmd = standalone(dir.path(), &["--no-python", "-m", "x"]);
+    let (code, _, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--module"), "{stderr}");
+}
+
+#[test]
+fn pet_booleans_are_parsed_as_torchrun_parses_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = rdzv();
+    cmd.args(["run", "--no-python", "true"])
+        .env("PET_STANDALONE", "1")
+        .current_dir(dir.path());
+    let (code, stdout, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 0, "PET_STANDALONE=1: {stdout}\n{stderr}");
+}
+
+#[test]
+fn worker_logs_are_kept_where_the_agent_says() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cmd = standalone(
+        dir.path(),
+        &[
+            "--redirects",
+            "3",
+            "--no-python",
+            "sh",
+            "-c",
+            "echo kept-output",
+        ],
+    );
+    let (code, stdout, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let log_dir = stderr
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("log_dir="))
+        .unwrap_or_else(|| panic!("the agent says where the logs are: {stderr}"));
+    let path = Path::new(log_dir.trim_matches('"'));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    assert!(
+        path.parent()
+            .and_then(Path::file_name)
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("torchelastic_")),
+        "torchrun's layout /tmp/torchelastic_*/<run_id>_*: {}",
+        path.display()
+    );
+    assert!(name.contains('_'), "{}", path.display());
+    let out = std::fs::read_to_string(path.join("attempt_0/0/stdout.log"))
+        .unwrap_or_else(|e| panic!("the log is kept after the agent exited ({e})"));
+    assert_eq!(out.trim(), "kept-output");
+    if let Some(base) = path.parent() {
+        let _ = std::fs::remove_dir_all(base);
+    }
+}
