@@ -201,6 +201,10 @@ fn configuration_errors_exit_2_naming_the_culprit_in_every_subcommand() {
     ];
     for sub in TARGET_SUBCOMMANDS {
         for (endpoint, id, extra, needles) in &cases {
+            if sub == "run" && endpoint.is_empty() {
+                // No endpoint is torchrun's static single-node job for `run` (cli_launch).
+                continue;
+            }
             assert_usage_error(&target_args(sub, endpoint, *id, extra), needles);
         }
     }

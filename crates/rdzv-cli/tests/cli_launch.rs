@@ -15,10 +15,10 @@ use common::{rdzv, run_to_end, WAIT};
 const SCRIPT: &str = r#"
 import json, os, sys
 cmdline = open("/proc/self/cmdline", "rb").read().split(b"\0")[:-1]
-print("rank=%s argv=%s cmdline=%s omp=%s" % (
+line = "rank=%s argv=%s cmdline=%s omp=%s\n" % (
     os.environ["RANK"], json.dumps(sys.argv[1:]),
-    json.dumps([c.decode() for c in cmdline]), os.environ.get("OMP_NUM_THREADS", "-")),
-    flush=True)
+    json.dumps([c.decode() for c in cmdline]), os.environ.get("OMP_NUM_THREADS", "-"))
+os.write(1, line.encode())  # one write: workers share the agent's stdout
 "#;
 
 fn standalone(dir: &Path, args: &[&str]) -> Command {
@@ -186,5 +186,149 @@ fn worker_logs_are_kept_where_the_agent_says() {
     assert_eq!(out.trim(), "kept-output");
     if let Some(base) = path.parent() {
         let _ = std::fs::remove_dir_all(base);
+    }
+}
+
+// ---- the static backend ------------------------------------------------------------------
+
+fn worker_cmd(dir: &Path, args: &[&str], record: &Path) -> Command {
+    let mut cmd = rdzv();
+    cmd.arg("run")
+        .args(args)
+        .arg("--")
+        .arg(common::worker_bin())
+        .env("WORKER_RECORD", record)
+        // No etcd can be found: a static job must not need one.
+        .env("RDZV_ETCD_BINARY", "/nonexistent/etcd")
+        .current_dir(dir);
+    cmd
+}
+
+/// torchrun's default: with no endpoint, a single-node job needs no rendezvous service (no
+/// etcd at all), and restarts still work.
+#[test]
+fn no_endpoint_is_a_single_node_job_without_etcd_whose_restarts_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = dir.path().join("records.txt");
+    let mut cmd = worker_cmd(
+        dir.path(),
+        &["--nproc-per-node", "2", "--max-restarts", "1"],
+        &record,
+    );
+    cmd.env("WORKER_FAIL_RANK", "1")
+        .env("WORKER_FAIL_UNTIL_RESTART", "1");
+    let (code, stdout, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    let records = common::Records::read(&[record]);
+    let context = format!("{stdout}\n{stderr}\n--- records:\n{}", records.raw);
+    assert_eq!(code, 0, "{context}");
+    assert_eq!(records.dones.len(), 2, "{context}");
+    assert!(
+        records.dones.iter().all(|d| d.world == 2 && d.restart == 1),
+        "both workers succeed after one restart: {context}"
+    );
+    assert!(
+        records.starts.iter().all(|s| s.run_id == "none"),
+        "torchrun's default run id: {context}"
+    );
+}
+
+/// `--rdzv-backend static` on two nodes (here, two agents on this machine): ranks from
+/// `--node-rank`, MASTER_ADDR/MASTER_PORT from `--master-addr`/`--master-port`, one world.
+#[test]
+fn static_backend_on_two_nodes_forms_one_world() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = rdzv::bootstrap::free_port("127.0.0.1")
+        .expect("a free port")
+        .to_string();
+    let records: Vec<_> = (0..2)
+        .map(|i| dir.path().join(format!("records-{i}.txt")))
+        .collect();
+    let mut agents: Vec<common::Proc> = (0..2)
+        .map(|node| {
+            let node_rank = node.to_string();
+            let mut cmd = worker_cmd(
+                dir.path(),
+                &[
+                    "--rdzv-backend",
+                    "static",
+                    "--nnodes",
+                    "2",
+                    "--node-rank",
+                    &node_rank,
+                    "--nproc-per-node",
+                    "2",
+                    "--master-addr",
+                    "127.0.0.1",
+                ],
+                &records[node],
+            );
+            cmd.env("PET_MASTER_PORT", &port);
+            common::Proc::spawn(cmd, dir.path(), &format!("node{node}"))
+        })
+        .collect();
+    for (i, a) in agents.iter_mut().enumerate() {
+        let code = a.exit_code(WAIT);
+        assert_eq!(code, 0, "node{i}\n{}", a.describe());
+    }
+    let seen = common::Records::read(&records);
+    assert_eq!(seen.dones.len(), 4, "{}", seen.raw);
+    common::assert_permutation(seen.dones.iter().map(|d| d.rank).collect(), 4, &seen.raw);
+    for s in &seen.starts {
+        assert_eq!(s.master, format!("127.0.0.1:{port}"), "{}", seen.raw);
+        assert_eq!(
+            s.group_rank,
+            s.rank / 2,
+            "ranks follow --node-rank: {}",
+            seen.raw
+        );
+    }
+}
+
+#[test]
+fn backends_are_honoured_and_unknown_ones_exit_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (args, needle) in [
+        (
+            &[
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                "h:1",
+                "--rdzv-id",
+                "j",
+            ][..],
+            "etcd-v3 (the default), etcd, etcd-v2",
+        ),
+        (&["--rdzv-backend", "zookeeper"][..], "static"),
+        (
+            &["--rdzv-backend", "static", "--nnodes", "1:2"][..],
+            "fixed --nnodes",
+        ),
+        (
+            &[
+                "--rdzv-backend",
+                "static",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "2",
+            ][..],
+            "--node-rank 2",
+        ),
+        (
+            &["--rdzv-backend", "static", "--standalone"][..],
+            "--standalone",
+        ),
+        // An explicit etcd backend needs its endpoint.
+        (
+            &["--rdzv-backend", "etcd-v3", "--rdzv-id", "j"][..],
+            "--rdzv-endpoint",
+        ),
+    ] {
+        let mut cmd = rdzv();
+        cmd.arg("run").args(args).args(["--no-python", "true"]);
+        let (code, stdout, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+        assert_eq!(code, 2, "{args:?}: {stdout}\n{stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }

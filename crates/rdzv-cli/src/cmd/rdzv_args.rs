@@ -45,14 +45,15 @@ impl std::str::FromStr for NodeRange {
 /// Where the rendezvous is: endpoint, run id, backend and its configuration.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RendezvousTarget {
-    /// Rendezvous backend.
+    /// Rendezvous backend: `etcd-v3` (rdzv's protocol over the etcd v3 API; the default),
+    /// `etcd` and `etcd-v2` (the same), or, for `run`, `static` (fixed nodes, no
+    /// rendezvous service).
     #[arg(
         long = "rdzv-backend",
         alias = "rdzv_backend",
-        env = "PET_RDZV_BACKEND",
-        default_value = "etcd"
+        env = "PET_RDZV_BACKEND"
     )]
-    pub backend: String,
+    pub backend: Option<String>,
 
     /// Backend endpoint(s): host[:port], [ipv6]:port, comma-separated for an etcd cluster.
     #[arg(
@@ -80,7 +81,51 @@ pub struct RendezvousTarget {
     pub conf: String,
 }
 
+/// What `--rdzv-backend` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// rdzv's protocol over etcd v3, under the name given (`etcd-v3`, `etcd`, `etcd-v2`).
+    Etcd(String),
+    /// torchrun's `static`: fixed nodes, ranks from `--node-rank`, no rendezvous service.
+    Static,
+    /// Anything else.
+    Unknown(String),
+}
+
+/// The backends `rdzv run` knows, for error messages.
+pub const BACKENDS: &str = "etcd-v3 (the default), etcd, etcd-v2 (the same protocol over the \
+                            etcd v3 API) and static";
+
+/// The error for an unknown backend.
+pub fn unknown_backend(name: &str) -> String {
+    let hint = if name == "c10d" {
+        ": rdzv does not serve c10d's TCPStore rendezvous; use etcd-v3 with an etcd (`rdzv \
+         etcd` starts one) or static"
+    } else {
+        ""
+    };
+    format!("--rdzv-backend (or PET_RDZV_BACKEND) '{name}' is not supported{hint}; rdzv's backends are {BACKENDS}")
+}
+
 impl RendezvousTarget {
+    /// The backend asked for (`etcd-v3` if none was given).
+    pub fn backend_kind(&self) -> Backend {
+        match self.backend.as_deref().map(str::trim) {
+            None | Some("") => Backend::Etcd("etcd-v3".into()),
+            Some(name @ ("etcd-v3" | "etcd")) => Backend::Etcd(name.into()),
+            Some("etcd-v2") => {
+                tracing::warn!(
+                    "--rdzv-backend etcd-v2: rdzv speaks its own protocol over the etcd v3 API \
+                     (etcd's v2 API is not used, and was removed in etcd 3.6); it cannot join \
+                     PyTorch's etcd-v2 rendezvous"
+                );
+                Backend::Etcd("etcd-v2".into())
+            }
+            Some("static") => Backend::Static,
+            Some(other) => Backend::Unknown(other.into()),
+        }
+    }
+
     /// Parameters for this target with the given node range and options, with the whole
     /// configuration checked as the etcd backend will read it (endpoints, keys, values), so
     /// that configuration errors are found before anything is started or connected to.
@@ -103,21 +148,16 @@ impl RendezvousTarget {
                 "--rdzv-id (or PET_RDZV_ID) is required: every job needs its own id",
             ));
         };
-        match self.backend.trim() {
-            "etcd" => {}
-            "etcd-v2" => tracing::warn!(
-                "--rdzv-backend etcd-v2: rdzv speaks its own protocol over the etcd v3 API (as \
-                 the `etcd` backend); it cannot join PyTorch's etcd-v2 rendezvous"
-            ),
-            other => {
-                return Err(usage(format!(
-                    "--rdzv-backend (or PET_RDZV_BACKEND) '{other}' is not supported: rdzv \
-                     implements the `etcd` backend (over the etcd v3 API)"
-                )))
-            }
-        }
+        let backend =
+            match self.backend_kind() {
+                Backend::Etcd(name) => name,
+                Backend::Static => return Err(usage(
+                    "--rdzv-backend static has no rendezvous service: it is for `rdzv run` only",
+                )),
+                Backend::Unknown(name) => return Err(usage(unknown_backend(&name))),
+            };
         let mut params =
-            RendezvousParameters::new(&self.backend, &self.endpoint, run_id, nodes.min, nodes.max)?
+            RendezvousParameters::new(&backend, &self.endpoint, run_id, nodes.min, nodes.max)?
                 .with_config_str(&self.conf)
                 .context("invalid --rdzv-conf")?;
         if let Some(addr) = local_addr {

@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdzv::etcd::{EtcdRendezvousHandler, EtcdServer};
-use rdzv::{MembershipEvent, RendezvousHandler, RendezvousInfo, Store};
+use rdzv::{MembershipEvent, RendezvousHandler, Store};
 use tokio::sync::broadcast;
 
 use super::launch::{self, Mode};
 use super::membership::{round_end, RoundEnd};
-use super::rdzv_args::{NodeRange, RendezvousTarget};
+use super::rdzv_args::{unknown_backend, Backend, NodeRange, RendezvousTarget};
 use super::signals::{Termination, TerminationSignals};
 use super::workers::{error_file_message, Failure, GroupSpec, GroupState, Streams, WorkerGroup};
 use crate::usage::usage;
@@ -63,6 +63,15 @@ pub struct RunArgs {
     /// How often to check the workers (seconds or a duration such as 100ms; 1ms to 1h).
     #[arg(long = "monitor-interval", alias = "monitor_interval", env = "PET_MONITOR_INTERVAL", default_value = "0.1", value_parser = monitor_interval)]
     monitor_interval: Duration,
+
+    /// `static` backend: the address of the node with `--node-rank 0` (MASTER_ADDR).
+    #[arg(long = "master-addr", alias = "master_addr", env = "PET_MASTER_ADDR")]
+    master_addr: Option<String>,
+
+    /// `static` backend: the port workers of node 0 serve on (MASTER_PORT); 29500 by default
+    /// on several nodes, a free port on one.
+    #[arg(long = "master-port", alias = "master_port", env = "PET_MASTER_PORT")]
+    master_port: Option<u16>,
 
     /// The workers' role name (ROLE_NAME).
     #[arg(long, env = "PET_ROLE", default_value = "default")]
@@ -146,6 +155,159 @@ fn timeout(text: &str) -> Result<Duration, String> {
     rdzv::parse_duration_in(text, Duration::ZERO..=rdzv::MAX_TIMEOUT)
 }
 
+/// torchrun's default `--master-port` for the `static` backend on several nodes.
+const DEFAULT_MASTER_PORT: u16 = 29500;
+
+/// Where the workers of a `static` job meet: the endpoint if given (torchrun's static backend
+/// takes it as the master's `host:port`), else `--master-addr`/`--master-port`; on one node
+/// with no port given, a free port of 127.0.0.1.
+fn static_master(args: &RunArgs, nnodes: usize) -> anyhow::Result<rdzv::bootstrap::MasterInfo> {
+    let endpoint = args.target.endpoint.trim();
+    if !endpoint.is_empty() {
+        let e = rdzv::parse_endpoint(endpoint, args.master_port.unwrap_or(DEFAULT_MASTER_PORT))
+            .map_err(|e| usage(format!("--rdzv-endpoint for the static backend: {e}")))?;
+        return Ok(rdzv::bootstrap::MasterInfo {
+            addr: e.host,
+            port: e.port,
+        });
+    }
+    let addr = args
+        .master_addr
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1".into());
+    if nnodes > 1 && args.master_addr.is_none() {
+        tracing::warn!(
+            "static backend on {nnodes} nodes without --master-addr (PET_MASTER_ADDR): \
+             MASTER_ADDR is 127.0.0.1, which only works if every node is this machine"
+        );
+    }
+    let port = match args.master_port {
+        Some(0) => return Err(usage("--master-port must be between 1 and 65535")),
+        Some(p) => p,
+        None if nnodes == 1 => rdzv::bootstrap::free_port(&addr)?,
+        None => DEFAULT_MASTER_PORT,
+    };
+    Ok(rdzv::bootstrap::MasterInfo { addr, port })
+}
+
+/// `rdzv run` with the `static` backend (torchrun's default when no endpoint is given): a fixed
+/// number of nodes, this node's group rank from `--node-rank`, no rendezvous service and no
+/// etcd. A worker failure restarts this node's workers only (the other nodes' workers fail
+/// in their collectives and restart too), within `--max-restarts`.
+async fn run_static(
+    args: RunArgs,
+    nproc: usize,
+    command: Vec<OsString>,
+) -> anyhow::Result<ExitCode> {
+    if args.standalone {
+        return usage_error(
+            "--standalone starts an etcd: it does not go with --rdzv-backend static",
+        );
+    }
+    if args.nnodes.min != args.nnodes.max {
+        return usage_error(format!(
+            "the static backend needs a fixed --nnodes N, not {}:{}: an elastic job needs \
+             --rdzv-backend etcd-v3 and --rdzv-endpoint",
+            args.nnodes.min, args.nnodes.max
+        ));
+    }
+    let nnodes = args.nnodes.min;
+    let node_rank = usize::try_from(args.node_rank.unwrap_or(0)).unwrap_or(usize::MAX);
+    if node_rank >= nnodes {
+        return usage_error(format!(
+            "--node-rank {node_rank} is not below --nnodes {nnodes}"
+        ));
+    }
+    if !args.target.conf.trim().is_empty() {
+        tracing::warn!("--rdzv-conf is ignored by the static backend");
+    }
+    let run_id = args.target.run_id.clone().unwrap_or_else(|| "none".into());
+    let mut master = static_master(&args, nnodes)?;
+    let log_root = log_root(args.log_dir.as_deref(), &run_id)?;
+    tracing::info!(log_dir = %log_root.display(), "worker logs and error files go here (kept)");
+    let mut signals = TerminationSignals::install()?;
+    // No membership can change: a channel that never delivers.
+    let (_never, mut events) = broadcast::channel::<MembershipEvent>(1);
+    let hostname = rdzv::etcd::node::hostname();
+    let mut restart_count: u32 = 0;
+    loop {
+        let round = u64::from(restart_count) + 1;
+        let spec = GroupSpec {
+            command: command.clone(),
+            env: worker_env(&args, nproc, &run_id, restart_count, round, &master),
+            env_remove: vec![rdzv::secrets::PASSWORD_ENV.to_string()],
+            nproc,
+            group_rank: node_rank,
+            group_world_size: nnodes,
+            attempt_dir: log_root.join(format!("attempt_{restart_count}")),
+            redirects: args.redirects,
+            tee: args.tee,
+        };
+        tracing::info!(
+            backend = "static",
+            group_rank = node_rank,
+            group_world_size = nnodes,
+            world_size = nnodes * nproc,
+            master = %format!("{}:{}", master.addr, master.port),
+            restart_count,
+            "starting workers"
+        );
+        let mut group = WorkerGroup::start(&spec).await?;
+        match monitor(
+            &mut group,
+            round,
+            &mut events,
+            &mut signals,
+            args.monitor_interval,
+        )
+        .await
+        {
+            Outcome::Succeeded => {
+                group.drain().await;
+                tracing::info!("all workers succeeded");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Outcome::Failed(failure) => {
+                group.stop(args.grace_period).await;
+                if restart_count < args.max_restarts {
+                    restart_count += 1;
+                    tracing::warn!(
+                        rank = failure.rank,
+                        exit = %failure.describe_exit(),
+                        restart_count,
+                        max_restarts = args.max_restarts,
+                        "worker failed; restarting the group"
+                    );
+                    if nnodes == 1 && args.master_port.is_none() {
+                        master.port = rdzv::bootstrap::free_port(&master.addr)?;
+                    }
+                    continue;
+                }
+                print_failure(
+                    &FailedNode {
+                        hostname: &hostname,
+                        node_id: &hostname,
+                        group_rank: node_rank,
+                        round,
+                    },
+                    &run_id,
+                    &failure,
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            Outcome::Signal(sig) => {
+                tracing::info!(signal = sig.signo(), "stopping the workers");
+                group.signal(sig.signo());
+                group.stop(args.grace_period).await;
+                return Ok(ExitCode::from(sig.exit_code()));
+            }
+            Outcome::MembershipChanged(_) | Outcome::Closed => {
+                unreachable!("a static job has no membership events")
+            }
+        }
+    }
+}
+
 /// The directory of this agent's worker logs, as torchrun makes it and keeps it:
 /// `<base>/<run_id>_<random>/`, where `<base>` is `--log-dir` or a new
 /// `/tmp/torchelastic_<random>/`.
@@ -217,6 +379,16 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         ));
     }
+    let static_job = match args.target.backend_kind() {
+        Backend::Static => true,
+        Backend::Unknown(name) => return usage_error(unknown_backend(&name)),
+        // torchrun's default: no rendezvous service unless an endpoint is given.
+        Backend::Etcd(_) => {
+            args.target.backend.is_none()
+                && args.target.endpoint.trim().is_empty()
+                && !args.standalone
+        }
+    };
     if nproc > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
         tracing::warn!(
             "\n*****************************************\nSetting OMP_NUM_THREADS environment \
@@ -227,6 +399,9 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     if args.start_method.is_some() {
         tracing::info!("--start-method is not needed by rdzv and is ignored");
+    }
+    if static_job {
+        return run_static(args, nproc, command).await;
     }
     let mut signals = TerminationSignals::install()?;
     let _etcd: Option<EtcdServer> = if args.standalone {
@@ -356,7 +531,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         };
         let outcome = monitor(
             &mut group,
-            &info,
+            info.round,
             &mut events,
             &mut signals,
             args.monitor_interval,
@@ -396,7 +571,16 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
                     );
                     continue;
                 }
-                print_failure(&handler, &run_id, &info, &failure);
+                print_failure(
+                    &FailedNode {
+                        hostname: &handler.node_record().hostname,
+                        node_id: handler.node_id(),
+                        group_rank: info.rank,
+                        round: info.round,
+                    },
+                    &run_id,
+                    &failure,
+                );
                 if let Err(e) = handler.set_closed().await {
                     tracing::warn!(error = %e, "could not close the run");
                 }
@@ -465,7 +649,7 @@ fn worker_env(
 
 async fn monitor(
     group: &mut WorkerGroup,
-    info: &RendezvousInfo,
+    round: u64,
     events: &mut broadcast::Receiver<MembershipEvent>,
     signals: &mut TerminationSignals,
     interval: Duration,
@@ -479,7 +663,7 @@ async fn monitor(
                 GroupState::Succeeded => return Outcome::Succeeded,
                 GroupState::Failed(f) => return Outcome::Failed(f),
             },
-            outcome = membership_change(events, info.round) => return outcome,
+            outcome = membership_change(events, round) => return outcome,
             sig = signals.recv() => return Outcome::Signal(sig),
         }
     }
@@ -532,26 +716,29 @@ async fn exit_barrier(
     None
 }
 
-fn print_failure(
-    handler: &EtcdRendezvousHandler,
-    run_id: &str,
-    info: &RendezvousInfo,
-    f: &Failure,
-) {
+/// Who failed, for the failure summary: this node's host name, id and group rank, and the
+/// round.
+struct FailedNode<'a> {
+    hostname: &'a str,
+    node_id: &'a str,
+    group_rank: usize,
+    round: u64,
+}
+
+fn print_failure(node: &FailedNode<'_>, run_id: &str, f: &Failure) {
     let when = humantime_time(f.time);
     let mut lines = vec![
         "=".repeat(64),
         format!(
             "rdzv run: worker failed (run '{run_id}', round {})",
-            info.round
+            node.round
         ),
         "-".repeat(64),
         format!("  time       : {when}"),
-        format!("  host       : {}", handler.node_record().hostname),
+        format!("  host       : {}", node.hostname),
         format!(
             "  node       : {} (group rank {})",
-            handler.node_id(),
-            info.rank
+            node.node_id, node.group_rank
         ),
         format!("  rank       : {} (local_rank: {})", f.rank, f.local_rank),
         format!("  pid        : {}", f.pid),

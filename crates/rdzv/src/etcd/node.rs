@@ -83,7 +83,8 @@ pub(crate) fn local_node_record(local_addr: Option<&str>, node_rank: Option<u64>
     }
 }
 
-fn hostname() -> String {
+/// This machine's host name (`localhost` if it cannot be read).
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: `buf` is valid for `buf.len()` bytes; gethostname writes at most that many.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
