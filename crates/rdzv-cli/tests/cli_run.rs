@@ -865,8 +865,8 @@ fn bad_flags_exit_2() {
             ],
         ),
         (
-            "no --rdzv-endpoint (and no --standalone)",
-            vec!["--rdzv-id", "x", "--", &worker],
+            "no --rdzv-endpoint on several nodes (the static default needs a fixed --nnodes)",
+            vec!["--nnodes", "1:2", "--rdzv-id", "x", "--", &worker],
         ),
     ];
     for (what, args) in cases {
