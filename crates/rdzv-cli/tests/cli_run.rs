@@ -880,9 +880,10 @@ fn bad_flags_exit_2() {
         assert!(!stderr.trim().is_empty(), "{what}: no message");
         assert!(!record.exists(), "{what}: a worker was started");
     }
-    // A missing endpoint names the flag and its variable.
+    // A missing endpoint with an etcd backend named names the flag and its variable.
     let mut cmd = rdzv();
-    cmd.args(["run", "--rdzv-id", "x", "--"]).arg(&worker);
+    cmd.args(["run", "--rdzv-backend", "etcd-v3", "--rdzv-id", "x", "--"])
+        .arg(&worker);
     let (_, _, stderr) = run_to_end(cmd, dir.path(), "bad", WAIT);
     assert!(stderr.contains("--rdzv-endpoint"), "{stderr}");
 }
