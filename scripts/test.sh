@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what is missing, then checks formatting,
-# lints and runs every test (each test starts its own etcd).
+# lints and runs every test (each test starts its own etcd), then the Python tests (pytest, with
+# torch on the CPU) against the wheel that install-deps.sh built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/install-deps.sh
+./scripts/install-deps.sh --python
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
@@ -14,3 +15,4 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked -- --test-threads=2
 fi
+.venv/bin/python -m pytest -q python/tests
