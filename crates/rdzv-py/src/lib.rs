@@ -122,7 +122,7 @@ fn to_py_err(e: rdzv::RendezvousError) -> PyErr {
         E::Closed { .. } => RendezvousClosedError::new_err(text),
         E::Timeout(_) => RendezvousTimeoutError::new_err(text),
         E::Connection(_) => RendezvousConnectionError::new_err(text),
-        E::State(_) => RendezvousStateError::new_err(text),
+        E::State(_) | E::NoSuchRun { .. } => RendezvousStateError::new_err(text),
         E::GracefulExit(_) => RendezvousGracefulExitError::new_err(text),
         E::Parameters(_) | E::InvalidConfig { .. } | E::Registry(_) => PyValueError::new_err(text),
         E::Other(_) => RendezvousError::new_err(text),
