@@ -428,6 +428,48 @@ fn grow_to_three_nodes(tag: &str, log_dirs: bool) -> (Job, Vec<PathBuf>) {
     (job, logs)
 }
 
+/// Regression (issue 12): different `--nproc-per-node` on different nodes silently gave
+/// duplicate ranks and a different WORLD_SIZE per node. Until it is supported, the node that
+/// differs from the round's first is refused (exit 2) before it starts a worker.
+#[test]
+fn different_nproc_per_node_is_refused_not_silently_wrong() {
+    let mut job = Job::new("run-hetero");
+    job.start(&AgentSpec::new("2", 1).env("WORKER_SLEEP_SECS", "60"));
+    job.start(&AgentSpec::new("2", 2).env("WORKER_SLEEP_SECS", "60"));
+    let deadline = std::time::Instant::now() + WAIT;
+    let refused = loop {
+        if let Some(i) = (0..2).find(|&i| job.agents[i].try_status().is_some()) {
+            break i;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no agent refused the mismatch\n{}",
+            job.describe()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let code = job.exit_code(refused);
+    assert_eq!(code, 2, "{}", job.describe());
+    let stderr = job.agents[refused].stderr();
+    assert!(stderr.contains("--nproc-per-node differs"), "{stderr}");
+    assert!(
+        job.agent_records(refused).starts.is_empty(),
+        "the refused node started workers\n{}",
+        job.describe()
+    );
+    let records = job.records();
+    let ranks: Vec<usize> = records.starts.iter().map(|s| s.rank).collect();
+    let mut unique = ranks.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        ranks.len(),
+        "duplicate ranks: {}",
+        records.raw
+    );
+}
+
 #[test]
 fn a_third_node_joins_a_running_job() {
     grow_to_three_nodes("run-grow", false);

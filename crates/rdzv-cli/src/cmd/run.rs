@@ -19,7 +19,9 @@ use tokio::sync::broadcast;
 use super::launch::{self, Mode};
 use super::membership::{round_end, RoundEnd};
 use super::rdzv_args::{unknown_backend, Backend, NodeRange, RendezvousTarget};
-use super::signals::{Termination, TerminationSignals};
+use super::signals::{
+    parse_signals, SignalEvent, Termination, TerminationSignals, DEFAULT_SIGNALS,
+};
 use super::workers::{error_file_message, Failure, GroupSpec, GroupState, Streams, WorkerGroup};
 use crate::usage::usage;
 
@@ -97,9 +99,26 @@ pub struct RunArgs {
     #[arg(long = "log-dir", alias = "log_dir", env = "PET_LOG_DIR")]
     log_dir: Option<PathBuf>,
 
-    /// Time between SIGTERM and SIGKILL when stopping workers (0s to 7d).
-    #[arg(long = "grace-period", default_value = "5", value_parser = timeout)]
+    /// Time between SIGTERM and SIGKILL when stopping workers (0s to 7d; torchrun's 30 s by
+    /// default).
+    #[arg(
+        long = "grace-period",
+        env = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+        default_value = "30",
+        value_parser = timeout
+    )]
     grace_period: Duration,
+
+    /// Signals that stop the agent, forwarded to the workers (which then get the grace
+    /// period). SIGUSR1 and SIGUSR2, unless listed here, are forwarded to the workers and the
+    /// agent goes on (SLURM's pre-emption warning).
+    #[arg(
+        long = "signals-to-handle",
+        alias = "signals_to_handle",
+        env = "PET_SIGNALS_TO_HANDLE",
+        default_value = DEFAULT_SIGNALS
+    )]
+    signals_to_handle: String,
 
     /// How long a node whose workers succeeded waits for the other nodes to finish (0s to 7d).
     #[arg(long = "exit-barrier-timeout", default_value = "300", value_parser = timeout)]
@@ -154,6 +173,9 @@ fn monitor_interval(text: &str) -> Result<Duration, String> {
 fn timeout(text: &str) -> Result<Duration, String> {
     rdzv::parse_duration_in(text, Duration::ZERO..=rdzv::MAX_TIMEOUT)
 }
+
+/// The round-store key where the nodes of a round agree on `--nproc-per-node`.
+const NPROC_KEY: &str = "rdzv/nproc_per_node";
 
 /// torchrun's default `--master-port` for the `static` backend on several nodes.
 const DEFAULT_MASTER_PORT: u16 = 29500;
@@ -225,7 +247,8 @@ async fn run_static(
     let mut master = static_master(&args, nnodes)?;
     let log_root = log_root(args.log_dir.as_deref(), &run_id)?;
     tracing::info!(log_dir = %log_root.display(), "worker logs and error files go here (kept)");
-    let mut signals = TerminationSignals::install()?;
+    let handled_signals = parse_signals(&args.signals_to_handle).map_err(usage)?;
+    let mut signals = TerminationSignals::install_for(&handled_signals)?;
     // No membership can change: a channel that never delivers.
     let (_never, mut events) = broadcast::channel::<MembershipEvent>(1);
     let hostname = rdzv::etcd::node::hostname();
@@ -297,8 +320,7 @@ async fn run_static(
             }
             Outcome::Signal(sig) => {
                 tracing::info!(signal = sig.signo(), "stopping the workers");
-                group.signal(sig.signo());
-                group.stop(args.grace_period).await;
+                group.stop_with(sig.signo(), args.grace_period).await;
                 return Ok(ExitCode::from(sig.exit_code()));
             }
             Outcome::MembershipChanged(_) | Outcome::Closed => {
@@ -355,6 +377,8 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         Ok(n) => n,
         Err(e) => return usage_error(e),
     };
+    let handled_signals = parse_signals(&args.signals_to_handle)
+        .map_err(|e| usage(format!("--signals-to-handle: {e}")))?;
     let argv: Vec<OsString> = std::env::args_os().collect();
     let dashed = launch::is_dashed_form(&argv, &args.command);
     let mode = Mode::from_flags(args.module, args.no_python, dashed).map_err(usage)?;
@@ -403,7 +427,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     if static_job {
         return run_static(args, nproc, command).await;
     }
-    let mut signals = TerminationSignals::install()?;
+    let mut signals = TerminationSignals::install_for(&handled_signals)?;
     let _etcd: Option<EtcdServer> = if args.standalone {
         if !args.target.endpoint.trim().is_empty() {
             return usage_error("--standalone starts its own etcd: do not give --rdzv-endpoint");
@@ -500,6 +524,22 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
             },
             master = exchange => master.context("cannot agree on MASTER_ADDR/MASTER_PORT")?,
         };
+        // Global ranks assume the same number of workers on every node: refuse a node that
+        // differs rather than hand out duplicate ranks (the first node of the round sets it).
+        let agreed = info
+            .store
+            .compare_set(NPROC_KEY, b"", nproc.to_string().as_bytes())
+            .await
+            .context("cannot agree on --nproc-per-node")?;
+        if agreed != nproc.to_string().as_bytes() {
+            let _ = handler.shutdown().await;
+            return Err(usage(format!(
+                "--nproc-per-node differs across the nodes of run '{run_id}': this node has \
+                 {nproc}, the others {}; rdzv needs the same number of workers on every node \
+                 (different numbers per node are not supported yet)",
+                String::from_utf8_lossy(&agreed)
+            )));
+        }
         let spec = GroupSpec {
             command: command.clone(),
             env: worker_env(&args, nproc, &run_id, restart_count, info.round, &master),
@@ -602,8 +642,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
             }
             Outcome::Signal(sig) => {
                 tracing::info!(signal = sig.signo(), "stopping the workers");
-                group.signal(sig.signo());
-                group.stop(args.grace_period).await;
+                group.stop_with(sig.signo(), args.grace_period).await;
                 let _ = handler.shutdown().await;
                 return Ok(ExitCode::from(sig.exit_code()));
             }
@@ -664,7 +703,13 @@ async fn monitor(
                 GroupState::Failed(f) => return Outcome::Failed(f),
             },
             outcome = membership_change(events, round) => return outcome,
-            sig = signals.recv() => return Outcome::Signal(sig),
+            event = signals.next() => match event {
+                SignalEvent::Stop(sig) => return Outcome::Signal(sig),
+                SignalEvent::Forward(signo) => {
+                    tracing::info!(signal = signo, "forwarding the signal to the workers");
+                    group.signal(signo);
+                }
+            },
         }
     }
 }

@@ -352,7 +352,13 @@ impl WorkerGroup {
     /// Stops every worker: SIGTERM to each process group, then SIGKILL after `grace`; waits
     /// for all of them and for their output to be written.
     pub async fn stop(&mut self, grace: Duration) {
-        self.signal(libc::SIGTERM);
+        self.stop_with(libc::SIGTERM, grace).await;
+    }
+
+    /// As [`WorkerGroup::stop`], with `signal` instead of SIGTERM (the signal that stopped the
+    /// agent, as torchrun forwards it).
+    pub async fn stop_with(&mut self, signal: i32, grace: Duration) {
+        self.signal(signal);
         let deadline = tokio::time::Instant::now() + grace;
         for w in &mut self.workers {
             if w.exit.is_none() {
