@@ -23,7 +23,7 @@ enum Command {
     Etcd(cmd::etcd::EtcdArgs),
     /// Run an elastic job: join the rendezvous, start the local workers with torchrun's
     /// environment, restart them on failures and membership changes.
-    Run(cmd::run::RunArgs),
+    Run(Box<cmd::run::RunArgs>),
     /// Join the next round once and print RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, RUN_ID
     /// and ROUND as shell assignments (or JSON), for `eval "$(rdzv join ...)"`.
     Join(cmd::join::JoinArgs),
@@ -61,7 +61,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Etcd(args) => cmd::etcd::run(args).await,
-            Command::Run(args) => cmd::run::run(args).await,
+            Command::Run(args) => cmd::run::run(*args).await,
             Command::Join(args) => cmd::join::run(args).await,
             Command::Status(args) => cmd::status::run(args).await,
             Command::Close(args) => cmd::close::run(args).await,
