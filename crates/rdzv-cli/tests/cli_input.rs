@@ -219,8 +219,8 @@ fn duration_flags_are_bounded_naming_the_flag_and_the_range() {
         ("--monitor-interval", "0", "1ms to 1h"),
         ("--monitor-interval", "2h", "1ms to 1h"),
         ("--exit-barrier-timeout", HUGE, "0s to 7d"),
-        ("--grace-period", HUGE, "0s to 7d"),
-        ("--grace-period", "-1", "negative"),
+        ("--shutdown-timeout", HUGE, "0s to 7d"),
+        ("--shutdown-timeout", "-1", "negative"),
     ] {
         let arg = format!("{flag}={value}");
         assert_usage_error(

@@ -147,3 +147,26 @@ fn unknown_signals_to_handle_exit_2() {
         "{stderr}"
     );
 }
+
+/// `--shutdown-timeout` (torchrun 2.15's flag; `--grace-period` is rdzv's older name) wins
+/// over `TORCH_ELASTIC_SHUTDOWN_TIMEOUT`.
+#[test]
+fn the_shutdown_timeout_flag_wins_over_the_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = rdzv();
+    cmd.arg("run")
+        .args(["--nproc-per-node", "2", "--shutdown-timeout", "1"])
+        .args(["--no-python", "sh", "-c", &worker(dir.path(), false, true)])
+        .env("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+        .current_dir(dir.path());
+    let mut a = Proc::spawn(cmd, dir.path(), "agent");
+    wait_ready(dir.path(), &a);
+    let sent = Instant::now();
+    assert!(kill(a.pid, libc::SIGTERM), "signal the agent");
+    assert_eq!(a.exit_code(WAIT), 143, "{}", a.describe());
+    assert!(
+        sent.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        sent.elapsed()
+    );
+}

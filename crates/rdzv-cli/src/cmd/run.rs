@@ -99,14 +99,19 @@ pub struct RunArgs {
     #[arg(long = "log-dir", alias = "log_dir", env = "PET_LOG_DIR")]
     log_dir: Option<PathBuf>,
 
-    /// Time between SIGTERM and SIGKILL when stopping workers (0s to 7d; torchrun's 30 s by
-    /// default).
+    /// Time between the stop signal and SIGKILL when stopping workers (0s to 7d); if not
+    /// given, `TORCH_ELASTIC_SHUTDOWN_TIMEOUT`, else 30 s, as torchrun.
     #[arg(
-        long = "grace-period",
-        env = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
-        default_value = "30",
+        long = "shutdown-timeout",
+        visible_alias = "grace-period",
+        alias = "shutdown_timeout",
+        env = "PET_SHUTDOWN_TIMEOUT",
         value_parser = timeout
     )]
+    shutdown_timeout: Option<Duration>,
+
+    /// Resolved from `shutdown_timeout` (not a flag).
+    #[arg(skip = DEFAULT_SHUTDOWN_TIMEOUT)]
     grace_period: Duration,
 
     /// Signals that stop the agent, forwarded to the workers (which then get the grace
@@ -173,6 +178,9 @@ fn monitor_interval(text: &str) -> Result<Duration, String> {
 fn timeout(text: &str) -> Result<Duration, String> {
     rdzv::parse_duration_in(text, Duration::ZERO..=rdzv::MAX_TIMEOUT)
 }
+
+/// torchrun's default shutdown timeout (grace period before SIGKILL).
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The round-store key where the nodes of a round agree on `--nproc-per-node`.
 const NPROC_KEY: &str = "rdzv/nproc_per_node";
@@ -376,6 +384,15 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     let nproc = match super::devices::nproc_per_node_here(&args.nproc_per_node) {
         Ok(n) => n,
         Err(e) => return usage_error(e),
+    };
+    args.grace_period = match (
+        args.shutdown_timeout,
+        std::env::var("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"),
+    ) {
+        (Some(t), _) => t,
+        (None, Ok(text)) => timeout(&text)
+            .map_err(|e| usage(format!("TORCH_ELASTIC_SHUTDOWN_TIMEOUT={text:?}: {e}")))?,
+        (None, Err(_)) => DEFAULT_SHUTDOWN_TIMEOUT,
     };
     let handled_signals = parse_signals(&args.signals_to_handle)
         .map_err(|e| usage(format!("--signals-to-handle: {e}")))?;
