@@ -332,3 +332,37 @@ fn backends_are_honoured_and_unknown_ones_exit_2() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+/// torchrun's failure summary: the root cause with the traceback of the worker's error file
+/// (as `@record` writes it), copied to the agent's own `TORCHELASTIC_ERROR_FILE`.
+#[test]
+fn the_failure_summary_shows_the_root_cause_and_fills_the_agents_error_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent_error = dir.path().join("agent-error.json");
+    let script = r#"if [ "$RANK" = 1 ]; then
+  printf '%s' '{"message": {"message": "ValueError: boom", "extraInfo": {"py_callstack": "Traceback (most recent call last):\n  File \"train.py\", line 3\nValueError: boom", "timestamp": "1000"}}}' > "$TORCHELASTIC_ERROR_FILE"
+  exit 1
+fi
+sleep 30"#;
+    let mut cmd = rdzv();
+    cmd.args(["run", "--nproc-per-node", "2", "--shutdown-timeout", "1"])
+        .args(["--no-python", "sh", "-c", script])
+        .env("TORCHELASTIC_ERROR_FILE", &agent_error)
+        .current_dir(dir.path());
+    let (code, stdout, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    let root = stderr
+        .find("Root Cause (first observed failure):")
+        .unwrap_or_else(|| panic!("no root cause section: {stderr}"));
+    assert!(stderr.contains("sh FAILED"), "{stderr}");
+    let cause = &stderr[root..];
+    assert!(cause.contains("rank      : 1 (local_rank: 1)"), "{cause}");
+    assert!(cause.contains("exitcode  : 1"), "{cause}");
+    assert!(
+        cause.contains("Traceback (most recent call last):"),
+        "{cause}"
+    );
+    assert!(cause.contains("ValueError: boom"), "{cause}");
+    let copied = std::fs::read_to_string(&agent_error).expect("the agent's error file");
+    assert!(copied.contains("ValueError: boom"), "{copied}");
+}

@@ -989,8 +989,8 @@ fn a_worker_killed_by_a_signal_is_reported() {
     let context = job.describe();
     assert_eq!(code, 1, "no restarts left\n{context}");
     assert!(
-        stderr.contains("exitcode: -9"),
-        "torch reports -<signal>\n{context}"
+        stderr.contains("exitcode  : -9"),
+        "torch reports -<signal>, in torchrun's layout\n{context}"
     );
     assert!(
         stderr

@@ -11,4 +11,5 @@ pub mod rdzv_args;
 pub mod run;
 pub mod signals;
 pub mod status;
+pub mod summary;
 pub mod workers;

@@ -22,7 +22,8 @@ use super::rdzv_args::{unknown_backend, Backend, NodeRange, RendezvousTarget};
 use super::signals::{
     parse_signals, SignalEvent, Termination, TerminationSignals, DEFAULT_SIGNALS,
 };
-use super::workers::{error_file_message, Failure, GroupSpec, GroupState, Streams, WorkerGroup};
+use super::summary;
+use super::workers::{Failure, GroupSpec, GroupState, Streams, WorkerGroup};
 use crate::usage::usage;
 
 /// Arguments of `rdzv run` (torchrun's names and `PET_*` environment variables).
@@ -314,15 +315,15 @@ async fn run_static(
                     }
                     continue;
                 }
-                print_failure(
-                    &FailedNode {
+                report_failure(
+                    &summary::Context {
+                        entrypoint: &entrypoint(&args.command),
                         hostname: &hostname,
-                        node_id: &hostname,
-                        group_rank: node_rank,
+                        run_id: &run_id,
                         round,
+                        group_rank: node_rank,
                     },
-                    &run_id,
-                    &failure,
+                    group.failures(),
                 );
                 return Ok(ExitCode::FAILURE);
             }
@@ -628,15 +629,15 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
                     );
                     continue;
                 }
-                print_failure(
-                    &FailedNode {
+                report_failure(
+                    &summary::Context {
+                        entrypoint: &entrypoint(&args.command),
                         hostname: &handler.node_record().hostname,
-                        node_id: handler.node_id(),
-                        group_rank: info.rank,
+                        run_id: &run_id,
                         round: info.round,
+                        group_rank: info.rank,
                     },
-                    &run_id,
-                    &failure,
+                    group.failures(),
                 );
                 if let Err(e) = handler.set_closed().await {
                     tracing::warn!(error = %e, "could not close the run");
@@ -778,50 +779,28 @@ async fn exit_barrier(
     None
 }
 
-/// Who failed, for the failure summary: this node's host name, id and group rank, and the
-/// round.
-struct FailedNode<'a> {
-    hostname: &'a str,
-    node_id: &'a str,
-    group_rank: usize,
-    round: u64,
+/// What the summary calls the job: the training script, module or program.
+fn entrypoint(command: &[OsString]) -> String {
+    command
+        .first()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
-fn print_failure(node: &FailedNode<'_>, run_id: &str, f: &Failure) {
-    let when = humantime_time(f.time);
-    let mut lines = vec![
-        "=".repeat(64),
-        format!(
-            "rdzv run: worker failed (run '{run_id}', round {})",
-            node.round
-        ),
-        "-".repeat(64),
-        format!("  time       : {when}"),
-        format!("  host       : {}", node.hostname),
-        format!(
-            "  node       : {} (group rank {})",
-            node.node_id, node.group_rank
-        ),
-        format!("  rank       : {} (local_rank: {})", f.rank, f.local_rank),
-        format!("  pid        : {}", f.pid),
-        format!("  {}", f.describe_exit()),
-    ];
-    match &f.error_file {
-        Some(path) => {
-            lines.push(format!("  error_file : {}", path.display()));
-            if let Some(msg) = error_file_message(path) {
-                lines.push(format!("  error      : {msg}"));
-            }
-        }
-        None => lines.push("  error_file : <none: the worker wrote no error file>".into()),
+/// Prints torchrun's failure summary and writes the root cause to the agent's own
+/// `TORCHELASTIC_ERROR_FILE`, if it has one.
+fn report_failure(ctx: &summary::Context<'_>, failures: &[Failure]) {
+    if failures.is_empty() {
+        return;
     }
-    lines.push("=".repeat(64));
-    eprintln!("{}", lines.join("\n"));
-}
-
-/// UTC, to the second (RFC 3339).
-fn humantime_time(t: std::time::SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    eprintln!("{}", summary::format_summary(ctx, failures));
+    let Some(dest) = std::env::var_os("TORCHELASTIC_ERROR_FILE").filter(|d| !d.is_empty()) else {
+        return;
+    };
+    let root = summary::root_cause(failures).unwrap_or(0);
+    if let Err(e) = summary::write_agent_error_file(std::path::Path::new(&dest), &failures[root]) {
+        tracing::warn!(error = %e, file = %std::path::Path::new(&dest).display(), "cannot write the agent's error file");
+    }
 }
 
 #[cfg(test)]
@@ -844,15 +823,5 @@ mod tests {
                 "{bad}: {reason}"
             );
         }
-    }
-
-    #[test]
-    fn utc_timestamps() {
-        assert_eq!(
-            humantime_time(std::time::UNIX_EPOCH),
-            "1970-01-01T00:00:00Z"
-        );
-        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
-        assert_eq!(humantime_time(t), "2026-11-18T11:06:40Z");
     }
 }

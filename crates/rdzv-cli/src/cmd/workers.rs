@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, SystemTime};
 
@@ -151,6 +151,8 @@ pub enum GroupState {
 #[derive(Debug)]
 pub struct WorkerGroup {
     workers: Vec<Worker>,
+    /// Every failure observed while the group ran (not the workers stopped afterwards).
+    failures: Vec<Failure>,
 }
 
 async fn pump(
@@ -192,6 +194,7 @@ impl WorkerGroup {
     pub async fn start(spec: &GroupSpec) -> anyhow::Result<Self> {
         let mut group = Self {
             workers: Vec::new(),
+            failures: Vec::new(),
         };
         for local_rank in 0..spec.nproc {
             match Self::start_one(spec, local_rank).await {
@@ -304,13 +307,13 @@ impl WorkerGroup {
 
     /// Looks at every worker once (non-blocking).
     pub fn poll(&mut self) -> GroupState {
-        let mut first_failure = None;
+        let before = self.failures.len();
         for w in &mut self.workers {
             if w.exit.is_none() {
                 if let Ok(Some(status)) = w.child.try_wait() {
                     w.exit = Some(status);
-                    if !status.success() && first_failure.is_none() {
-                        first_failure = Some(Failure {
+                    if !status.success() {
+                        self.failures.push(Failure {
                             local_rank: w.local_rank,
                             rank: w.rank,
                             pid: w.pid,
@@ -322,8 +325,9 @@ impl WorkerGroup {
                 }
             }
         }
-        if let Some(f) = first_failure {
-            return GroupState::Failed(f);
+        if self.failures.len() > before {
+            let root = super::summary::root_cause(&self.failures).unwrap_or(0);
+            return GroupState::Failed(self.failures[root].clone());
         }
         if self
             .workers
@@ -334,6 +338,11 @@ impl WorkerGroup {
         } else {
             GroupState::Running
         }
+    }
+
+    /// Every failure observed by [`WorkerGroup::poll`] (the root cause among them).
+    pub fn failures(&self) -> &[Failure] {
+        &self.failures
     }
 
     /// Sends `signal` to every running worker's process group.
@@ -390,26 +399,6 @@ impl WorkerGroup {
             }
         }
     }
-}
-
-/// Reads the message torch writes to `TORCHELASTIC_ERROR_FILE` (`{"message": {"message": …}}`
-/// or `{"message": "…"}`), or the file's text.
-pub fn error_file_message(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let json: serde_json::Value = match serde_json::from_str(&text) {
-        Ok(v) => v,
-        Err(_) => return Some(text.trim().chars().take(2000).collect()),
-    };
-    let msg = &json["message"];
-    Some(match msg {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Object(o) => o
-            .get("message")
-            .and_then(|m| m.as_str())
-            .map(str::to_string)
-            .unwrap_or_else(|| msg.to_string()),
-        _ => text.trim().chars().take(2000).collect(),
-    })
 }
 
 #[cfg(test)]
