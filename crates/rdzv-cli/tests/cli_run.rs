@@ -1142,3 +1142,44 @@ fn sigterm_while_waiting_for_the_master_address_exits_at_once() {
     assert_eq!(status.code(), Some(143), "{}", job.describe());
     job.agents[0].signal(libc::SIGCONT);
 }
+
+/// Regression (issue 12): a node whose workers succeeded waited in the exit barrier for a node
+/// known lost (up to `--exit-barrier-timeout`, 300 s by default). It stops waiting when the
+/// lost node's lease expires.
+#[test]
+fn the_exit_barrier_does_not_wait_for_a_lost_node() {
+    let job = Job::new("run-barrier-lost");
+    let agent = |i: usize, script: &str| {
+        let mut cmd = rdzv();
+        cmd.arg("run")
+            .args(["--nnodes", "2", "--nproc-per-node", "1"])
+            .args(["--rdzv-endpoint", &job.endpoint(), "--rdzv-id", &job.id])
+            .args(["--rdzv-conf", FAST_CONF, "--local-addr", "127.0.0.1"])
+            .args(["--no-python", "sh", "-c", script]);
+        Proc::spawn(cmd, job.dir(), &format!("agent{i}"))
+    };
+    let started = job.dir().join("slow-started");
+    let mut fast = agent(0, "true");
+    let mut slow = agent(1, &format!("touch {}; sleep 60", started.display()));
+    wait_until(
+        WAIT,
+        || format!("the slow node's worker started\n{}", slow.describe()),
+        || started.exists(),
+    );
+    // The fast node's worker is done; it waits in the exit barrier for the slow one.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        fast.is_running(),
+        "the fast node must wait for the slow one\n{}",
+        fast.describe()
+    );
+    slow.kill_now();
+    let killed = std::time::Instant::now();
+    let code = fast.exit_code(WAIT);
+    assert_eq!(code, 0, "{}", fast.describe());
+    assert!(
+        killed.elapsed() < Duration::from_secs(15),
+        "the fast node waited {:?} for a lost node",
+        killed.elapsed()
+    );
+}

@@ -494,6 +494,15 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         .first()
         .cloned()
         .unwrap_or_else(|| "127.0.0.1".into());
+    if args.nnodes.max > 1 && args.local_addr.is_none() && is_loopback(&advertised) {
+        tracing::warn!(
+            address = %advertised,
+            "\n*****************************************\nthis node found no address other \
+             than loopback (no default route): if it becomes rank 0, nodes on other hosts \
+             cannot reach MASTER_ADDR={advertised}. Give --local-addr (or PET_LOCAL_ADDR) with \
+             an address the other nodes can reach.\n*****************************************"
+        );
+    }
     let mut restart_count: u32 = 0;
     loop {
         let info = tokio::select! {
@@ -761,10 +770,19 @@ async fn exit_barrier(
         }
         store.get_timeout(DONE, timeout).await.map(|_| ())
     };
-    let closed = async {
+    // A node known lost will never arrive: do not wait for it (nor after the run closed).
+    let gone = async {
         loop {
             match events.recv().await {
-                Ok(MembershipEvent::Closed) | Err(broadcast::error::RecvError::Closed) => return,
+                Ok(MembershipEvent::Closed) | Err(broadcast::error::RecvError::Closed) => {
+                    return "the run was closed".to_string()
+                }
+                Ok(MembershipEvent::PeerLost { node_id, .. }) => {
+                    return format!("node {node_id} was lost")
+                }
+                Ok(MembershipEvent::MembershipLost { .. }) => {
+                    return "this node's membership was lost".to_string()
+                }
                 _ => {}
             }
         }
@@ -773,10 +791,19 @@ async fn exit_barrier(
         r = wait => if let Err(e) = r {
             tracing::warn!(error = %e, "exit barrier: not every node confirmed success");
         },
-        _ = closed => tracing::info!("exit barrier: the run was closed"),
+        why = gone => tracing::info!("exit barrier: {why}; not waiting for the others"),
         sig = signals.recv() => return Some(sig),
     }
     None
+}
+
+/// True for a loopback address (`127.0.0.0/8`, `::1`, `localhost`).
+fn is_loopback(addr: &str) -> bool {
+    let bare = addr.trim_matches(|c| c == '[' || c == ']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// What the summary calls the job: the training script, module or program.
@@ -806,6 +833,16 @@ fn report_failure(ctx: &summary::Context<'_>, failures: &[Failure]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_addresses_are_recognised() {
+        for lo in ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"] {
+            assert!(is_loopback(lo), "{lo}");
+        }
+        for other in ["10.0.0.1", "fe80::1", "node-a", ""] {
+            assert!(!is_loopback(other), "{other}");
+        }
+    }
 
     #[test]
     fn duration_flags_are_bounded() {
