@@ -366,3 +366,63 @@ sleep 30"#;
     let copied = std::fs::read_to_string(&agent_error).expect("the agent's error file");
     assert!(copied.contains("ValueError: boom"), "{copied}");
 }
+
+// ---- console output: per-rank maps, the rank filter, the line prefix ----------------------
+
+/// `-t 0:3,1:1`, `--local-ranks-filter`, `--log-line-prefix-template`, as torchrun's: rank 0
+/// tees both streams, rank 1 only stdout, rank 2 nothing; the filter hides rank 1 from the
+/// console (its file stays); the template names the global rank and the role.
+#[test]
+fn per_rank_tee_maps_the_rank_filter_and_the_prefix_template() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_dir = dir.path().join("logs");
+    let log_dir_text = log_dir.display().to_string();
+    let mut cmd = rdzv();
+    cmd.args(["run", "--nproc-per-node", "3", "--role", "trainer"])
+        .args(["--tee", "0:3,1:1", "--local-ranks-filter", "0,2"])
+        .args(["--log-line-prefix-template", "<${role_name}:${rank}> "])
+        .args(["--log-dir", &log_dir_text])
+        .args([
+            "--no-python",
+            "sh",
+            "-c",
+            "echo out-$RANK; echo err-$RANK >&2",
+        ])
+        .current_dir(dir.path());
+    let (code, stdout, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.lines().any(|l| l == "<trainer:0> out-0"), "{stdout}");
+    assert!(stderr.lines().any(|l| l == "<trainer:0> err-0"), "{stderr}");
+    // Rank 1 is filtered out: nothing on the console, its tee'd stdout in its file.
+    assert!(
+        !stdout.contains("out-1") && !stderr.contains("err-1"),
+        "{stdout}\n{stderr}"
+    );
+    // Rank 2 is not tee'd: plain, unprefixed output.
+    assert!(stdout.lines().any(|l| l == "out-2"), "{stdout}");
+    assert!(stderr.lines().any(|l| l == "err-2"), "{stderr}");
+    let run_dir = std::fs::read_dir(&log_dir)
+        .expect("log dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .next()
+        .expect("the run's log directory");
+    let rank1 = std::fs::read_to_string(run_dir.join("attempt_0/1/stdout.log"))
+        .expect("rank 1's stdout file");
+    assert_eq!(rank1.trim(), "out-1");
+}
+
+#[test]
+fn bad_console_flags_exit_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for args in [
+        &["--tee", "0:4"][..],
+        &["--redirects", "0:1,0:2"][..],
+        &["--local-ranks-filter", "a"][..],
+    ] {
+        let mut cmd = rdzv();
+        cmd.arg("run").args(args).args(["--no-python", "true"]);
+        let (code, _, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+    }
+}

@@ -700,7 +700,7 @@ fn standalone_runs_a_single_node_job() {
 }
 
 #[test]
-fn tee_prefixes_console_lines_with_the_rank() {
+fn tee_prefixes_console_lines_as_torchrun() {
     let mut job = Job::new("run-tee");
     job.start(&AgentSpec::new("1", 2).flag("--tee=3"));
     job.expect_all_exit(0);
@@ -708,8 +708,9 @@ fn tee_prefixes_console_lines_with_the_rank() {
     let stderr = job.agents[0].stderr();
     let context = job.describe();
     for rank in 0..2 {
-        let out = format!("[rank{rank}]:worker rank {rank} of 2 ok");
-        let err = format!("[rank{rank}]:worker rank {rank} stderr");
+        // torchrun's default prefix: `[<role><local rank>]:`.
+        let out = format!("[default{rank}]:worker rank {rank} of 2 ok");
+        let err = format!("[default{rank}]:worker rank {rank} stderr");
         assert!(
             stdout.lines().any(|l| l == out),
             "stdout lacks {out:?}\n{context}"
@@ -721,7 +722,7 @@ fn tee_prefixes_console_lines_with_the_rank() {
     }
     for line in stdout.lines().filter(|l| l.contains("worker rank")) {
         assert!(
-            line.starts_with("[rank"),
+            line.starts_with("[default"),
             "unprefixed worker line {line:?}\n{context}"
         );
     }

@@ -23,7 +23,9 @@ use super::signals::{
     parse_signals, SignalEvent, Termination, TerminationSignals, DEFAULT_SIGNALS,
 };
 use super::summary;
-use super::workers::{Failure, GroupSpec, GroupState, Streams, WorkerGroup};
+use super::workers::{
+    parse_local_ranks, ConsoleSpec, Failure, GroupSpec, GroupState, StreamMap, WorkerGroup,
+};
 use crate::usage::usage;
 
 /// Arguments of `rdzv run` (torchrun's names and `PET_*` environment variables).
@@ -88,13 +90,28 @@ pub struct RunArgs {
     #[arg(long = "node-rank", alias = "node_rank", env = "PET_NODE_RANK")]
     node_rank: Option<u64>,
 
-    /// Send worker output only to log files: 0 none, 1 stdout, 2 stderr, 3 both.
+    /// Send worker output only to log files: 0 none, 1 stdout, 2 stderr, 3 both, or a map by
+    /// local rank (`0:3,1:0`).
     #[arg(long, short = 'r', env = "PET_REDIRECTS", default_value = "0")]
-    redirects: Streams,
+    redirects: StreamMap,
 
-    /// Send worker output to log files and to the console, lines prefixed `[rank<N>]:`.
+    /// Send worker output to log files and to the console, lines prefixed (torchrun's
+    /// `[<role><local rank>]:`, or `--log-line-prefix-template`); same values as `--redirects`.
     #[arg(long, short = 't', env = "PET_TEE", default_value = "0")]
-    tee: Streams,
+    tee: StreamMap,
+
+    /// Only show these local ranks' output on the console (`0,1,2`); their log files are kept.
+    #[arg(long = "local-ranks-filter", alias = "local_ranks_filter", env = "PET_LOCAL_RANKS_FILTER", value_parser = parse_local_ranks)]
+    local_ranks_filter: Option<std::collections::BTreeSet<usize>>,
+
+    /// The prefix of tee'd console lines: `${role_name}`, `${local_rank}`, `${rank}` and
+    /// `${hostname}` are replaced (e.g. `[${rank}]:`).
+    #[arg(
+        long = "log-line-prefix-template",
+        alias = "log_line_prefix_template",
+        env = "PET_LOG_LINE_PREFIX_TEMPLATE"
+    )]
+    log_line_prefix_template: Option<String>,
 
     /// Directory for per-attempt worker logs and error files (default: a temporary one).
     #[arg(long = "log-dir", alias = "log_dir", env = "PET_LOG_DIR")]
@@ -272,8 +289,9 @@ async fn run_static(
             group_rank: node_rank,
             group_world_size: nnodes,
             attempt_dir: log_root.join(format!("attempt_{restart_count}")),
-            redirects: args.redirects,
-            tee: args.tee,
+            redirects: args.redirects.clone(),
+            tee: args.tee.clone(),
+            console: console_spec(&args),
         };
         tracing::info!(
             backend = "static",
@@ -575,8 +593,9 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
             group_rank: info.rank,
             group_world_size: info.world_size,
             attempt_dir: log_root.join(format!("attempt_{restart_count}")),
-            redirects: args.redirects,
-            tee: args.tee,
+            redirects: args.redirects.clone(),
+            tee: args.tee.clone(),
+            console: console_spec(&args),
         };
         let first = info.rank * nproc;
         tracing::info!(
@@ -804,6 +823,16 @@ fn is_loopback(addr: &str) -> bool {
         || bare
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The console settings of the workers' output.
+fn console_spec(args: &RunArgs) -> ConsoleSpec {
+    ConsoleSpec {
+        prefix_template: args.log_line_prefix_template.clone(),
+        local_ranks: args.local_ranks_filter.clone(),
+        role: args.role.clone(),
+        hostname: rdzv::etcd::node::hostname(),
+    }
 }
 
 /// What the summary calls the job: the training script, module or program.

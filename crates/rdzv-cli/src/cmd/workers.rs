@@ -51,6 +51,108 @@ impl std::str::FromStr for Streams {
     }
 }
 
+/// torchrun's `--redirects`/`--tee` value: one selection for every local rank (`3`), or a
+/// map from local rank to selection (`0:3,1:0`; ranks not listed get none).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StreamMap {
+    all: Streams,
+    per_rank: Option<BTreeMap<usize, Streams>>,
+}
+
+impl StreamMap {
+    /// The selection of `local_rank`.
+    pub fn for_rank(&self, local_rank: usize) -> Streams {
+        match &self.per_rank {
+            Some(map) => map.get(&local_rank).copied().unwrap_or_default(),
+            None => self.all,
+        }
+    }
+}
+
+impl std::str::FromStr for StreamMap {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if !s.contains(':') {
+            return Ok(Self {
+                all: s.parse()?,
+                per_rank: None,
+            });
+        }
+        let mut map = BTreeMap::new();
+        for item in s.split(',') {
+            let (rank, value) = item
+                .split_once(':')
+                .ok_or_else(|| format!("`{item}` is not <local rank>:<0-3> (as in 0:3,1:0)"))?;
+            let rank: usize = rank
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{rank}` is not a local rank (in `{s}`)"))?;
+            if map.insert(rank, value.parse()?).is_some() {
+                return Err(format!("local rank {rank} is given twice in `{s}`"));
+            }
+        }
+        Ok(Self {
+            all: Streams::default(),
+            per_rank: Some(map),
+        })
+    }
+}
+
+/// How the console lines of tee'd workers are prefixed and which local ranks show at all.
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleSpec {
+    /// torchrun's `--log-line-prefix-template` (`${role_name}`, `${local_rank}`, `${rank}`,
+    /// `${hostname}`); `None` for torchrun's default `[<role><local rank>]:`.
+    pub prefix_template: Option<String>,
+    /// torchrun's `--local-ranks-filter`: only these local ranks show on the console (their
+    /// tee'd streams still go to the log files).
+    pub local_ranks: Option<std::collections::BTreeSet<usize>>,
+    /// The role name (`--role`).
+    pub role: String,
+    /// This host's name.
+    pub hostname: String,
+}
+
+impl ConsoleSpec {
+    /// The prefix of a worker's console lines.
+    pub fn prefix(&self, local_rank: usize, rank: usize) -> String {
+        match &self.prefix_template {
+            None => format!("[{}{local_rank}]:", self.role),
+            Some(t) => t
+                .replace("${role_name}", &self.role)
+                .replace("${local_rank}", &local_rank.to_string())
+                .replace("${rank}", &rank.to_string())
+                .replace("${hostname}", &self.hostname),
+        }
+    }
+
+    /// True if `local_rank`'s output may show on the console.
+    pub fn shows(&self, local_rank: usize) -> bool {
+        self.local_ranks
+            .as_ref()
+            .is_none_or(|ranks| ranks.contains(&local_rank))
+    }
+}
+
+/// Parses torchrun's `--local-ranks-filter` (`0,1,2`).
+///
+/// # Errors
+/// Anything but a non-empty comma-separated list of local ranks.
+pub fn parse_local_ranks(text: &str) -> Result<std::collections::BTreeSet<usize>, String> {
+    text.split(',')
+        .map(|r| {
+            r.trim().parse::<usize>().map_err(|_| {
+                format!(
+                    "--local-ranks-filter must be a comma-separated list of integers e.g. \
+                     --local-ranks-filter=0,1,2 (got `{text}`)"
+                )
+            })
+        })
+        .collect()
+}
+
 /// Everything needed to start one attempt of the local group.
 #[derive(Debug, Clone)]
 pub struct GroupSpec {
@@ -69,10 +171,12 @@ pub struct GroupSpec {
     pub group_world_size: usize,
     /// Where per-attempt files go (`<dir>/attempt_<n>/<local_rank>/`).
     pub attempt_dir: PathBuf,
-    /// Write these streams to log files only (no console).
-    pub redirects: Streams,
-    /// Write these streams to log files and to the console, prefixed `[rank<N>]:`.
-    pub tee: Streams,
+    /// Write these streams to log files only (no console), per local rank.
+    pub redirects: StreamMap,
+    /// Write these streams to log files and to the console, prefixed, per local rank.
+    pub tee: StreamMap,
+    /// Console prefix and filter.
+    pub console: ConsoleSpec,
 }
 
 /// One running worker.
@@ -245,19 +349,24 @@ impl WorkerGroup {
             ("TORCHELASTIC_ERROR_FILE", error_file.display().to_string()),
         ];
         cmd.envs(per_worker.iter().map(|(k, v)| (k, v)));
-        let capture_out = spec.redirects.stdout || spec.tee.stdout;
-        let capture_err = spec.redirects.stderr || spec.tee.stderr;
+        let redirect = spec.redirects.for_rank(local_rank);
+        let shown = spec.console.shows(local_rank);
+        // A filtered-out rank's tee'd streams go to their files only (as torchrun's).
+        let tee = if shown {
+            spec.tee.for_rank(local_rank)
+        } else {
+            Streams::default()
+        };
+        let to_file_out = redirect.stdout || spec.tee.for_rank(local_rank).stdout;
+        let to_file_err = redirect.stderr || spec.tee.for_rank(local_rank).stderr;
+        let stdio = |to_file: bool| match (to_file, shown) {
+            (true, _) => Stdio::piped(),
+            (false, true) => Stdio::inherit(),
+            (false, false) => Stdio::null(),
+        };
         cmd.stdin(Stdio::null());
-        cmd.stdout(if capture_out {
-            Stdio::piped()
-        } else {
-            Stdio::inherit()
-        });
-        cmd.stderr(if capture_err {
-            Stdio::piped()
-        } else {
-            Stdio::inherit()
-        });
+        cmd.stdout(stdio(to_file_out));
+        cmd.stderr(stdio(to_file_err));
         cmd.process_group(0);
         cmd.kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe; it only changes this (forked) process's own
@@ -276,9 +385,9 @@ impl WorkerGroup {
             .with_context(|| format!("cannot start {:?}", spec.command[0]))?;
         let pid = child.id().unwrap_or(0);
         let mut pumps = Vec::new();
-        let prefix = format!("[rank{rank}]:");
+        let prefix = spec.console.prefix(local_rank, rank);
         if let Some(out) = child.stdout.take() {
-            let console = spec.tee.stdout.then(|| (prefix.clone(), false));
+            let console = tee.stdout.then(|| (prefix.clone(), false));
             pumps.push(tokio::spawn(pump(
                 out,
                 Some(dir.join("stdout.log")),
@@ -286,7 +395,7 @@ impl WorkerGroup {
             )));
         }
         if let Some(err) = child.stderr.take() {
-            let console = spec.tee.stderr.then(|| (prefix.clone(), true));
+            let console = tee.stderr.then(|| (prefix.clone(), true));
             pumps.push(tokio::spawn(pump(
                 err,
                 Some(dir.join("stderr.log")),
@@ -405,6 +514,58 @@ impl WorkerGroup {
 mod tests {
     use super::*;
 
+    #[test]
+    fn stream_maps_parse_as_torchrun() {
+        let all: StreamMap = "3".parse().unwrap();
+        assert_eq!(
+            all.for_rank(5),
+            Streams {
+                stdout: true,
+                stderr: true
+            }
+        );
+        let map: StreamMap = "0:3,1:1".parse().unwrap();
+        assert_eq!(
+            map.for_rank(0),
+            Streams {
+                stdout: true,
+                stderr: true
+            }
+        );
+        assert_eq!(
+            map.for_rank(1),
+            Streams {
+                stdout: true,
+                stderr: false
+            }
+        );
+        assert_eq!(
+            map.for_rank(2),
+            Streams::default(),
+            "unlisted ranks get none"
+        );
+        for bad in ["4", "0:4", "x:1", "0:1,0:2", "0:1,", ""] {
+            assert!(bad.parse::<StreamMap>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn console_prefixes_are_torchruns() {
+        let mut c = ConsoleSpec {
+            role: "default".into(),
+            hostname: "node-a".into(),
+            ..ConsoleSpec::default()
+        };
+        assert_eq!(c.prefix(1, 5), "[default1]:");
+        c.prefix_template = Some("${hostname}:${rank}/${local_rank} ${role_name}| ".into());
+        assert_eq!(c.prefix(1, 5), "node-a:5/1 default| ");
+        assert!(c.shows(3));
+        c.local_ranks = Some(parse_local_ranks("0, 2").unwrap());
+        assert!(c.shows(2) && !c.shows(1));
+        assert!(parse_local_ranks("").is_err());
+        assert!(parse_local_ranks("a,1").is_err());
+    }
+
     /// Regression (issue 12): a reused log directory blamed a new failure on an old run's
     /// `error.json`; starting a worker clears it.
     #[tokio::test]
@@ -422,8 +583,9 @@ mod tests {
             group_rank: 0,
             group_world_size: 1,
             attempt_dir: attempt,
-            redirects: Streams::default(),
-            tee: Streams::default(),
+            redirects: StreamMap::default(),
+            tee: StreamMap::default(),
+            console: ConsoleSpec::default(),
         };
         let mut group = WorkerGroup::start(&spec).await.expect("start");
         assert!(!old.exists(), "the old error file is still there");
