@@ -269,7 +269,14 @@ async fn run_static(
     if !args.target.conf.trim().is_empty() {
         tracing::warn!("--rdzv-conf is ignored by the static backend");
     }
-    let run_id = args.target.run_id.clone().unwrap_or_else(|| "none".into());
+    // As torchrun 2.15: one node with neither endpoint nor master port is a standalone job
+    // with a random run id (whatever --rdzv-id says); otherwise the id given, or `none`.
+    let run_id =
+        if nnodes == 1 && args.target.endpoint.trim().is_empty() && args.master_port.is_none() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            args.target.run_id.clone().unwrap_or_else(|| "none".into())
+        };
     let mut master = static_master(&args, nnodes)?;
     let log_root = log_root(args.log_dir.as_deref(), &run_id)?;
     tracing::info!(log_dir = %log_root.display(), "worker logs and error files go here (kept)");
@@ -715,6 +722,10 @@ fn worker_env(
     set("TORCHELASTIC_MAX_RESTARTS", args.max_restarts.to_string());
     set("TORCHELASTIC_RUN_ID", run_id.to_string());
     set("TORCHELASTIC_USE_AGENT_STORE", "False".into());
+    set(
+        "TORCHELASTIC_SIGNALS_TO_HANDLE",
+        args.signals_to_handle.clone(),
+    );
     // Not torchrun's: the rendezvous round the workers were started for (for logs and checks).
     set("RDZV_ROUND", round.to_string());
     set(
