@@ -98,8 +98,8 @@ fn configuration_errors_exit_2_naming_the_culprit_in_every_subcommand() {
         (
             CLOSED,
             Some("job"),
-            vec!["--rdzv-backend", "c10d"],
-            vec!["c10d"],
+            vec!["--rdzv-backend", "zookeeper"],
+            vec!["zookeeper"],
         ),
         (CLOSED, Some("job"), conf("timeout"), vec!["timeout"]),
         (

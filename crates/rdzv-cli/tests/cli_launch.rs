@@ -296,7 +296,7 @@ fn backends_are_honoured_and_unknown_ones_exit_2() {
         (
             &[
                 "--rdzv-backend",
-                "c10d",
+                "zk",
                 "--rdzv-endpoint",
                 "h:1",
                 "--rdzv-id",
@@ -430,4 +430,82 @@ fn bad_console_flags_exit_2() {
         let (code, _, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
         assert_eq!(code, 2, "{args:?}: {stderr}");
     }
+}
+
+// ---- the c10d backend --------------------------------------------------------------------
+
+/// `--rdzv-backend c10d --rdzv-endpoint localhost:P` on two agents of this host: the first to
+/// bind P serves the rendezvous (an etcd), the other joins through it; one world of four.
+#[test]
+fn c10d_agents_on_the_endpoints_host_serve_and_join_one_world() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = rdzv::bootstrap::free_port("127.0.0.1")
+        .expect("a free port")
+        .to_string();
+    let endpoint = format!("localhost:{port}");
+    let records: Vec<_> = (0..2)
+        .map(|i| dir.path().join(format!("records-{i}.txt")))
+        .collect();
+    let mut agents: Vec<common::Proc> = (0..2)
+        .map(|node| {
+            let mut cmd = rdzv();
+            cmd.arg("run")
+                .args(["--rdzv-backend", "c10d", "--rdzv-endpoint", &endpoint])
+                .args([
+                    "--rdzv-id",
+                    "c10d-job",
+                    "--nnodes",
+                    "2",
+                    "--nproc-per-node",
+                    "2",
+                ])
+                .args([
+                    "--rdzv-conf",
+                    "last_call_timeout=1",
+                    "--local-addr",
+                    "127.0.0.1",
+                ])
+                .arg("--")
+                .arg(common::worker_bin())
+                .env("WORKER_RECORD", &records[node])
+                .current_dir(dir.path());
+            common::Proc::spawn(cmd, dir.path(), &format!("node{node}"))
+        })
+        .collect();
+    for (i, a) in agents.iter_mut().enumerate() {
+        let code = a.exit_code(WAIT);
+        assert_eq!(code, 0, "node{i}\n{}", a.describe());
+    }
+    let seen = common::Records::read(&records);
+    assert_eq!(seen.dones.len(), 4, "{}", seen.raw);
+    common::assert_permutation(seen.dones.iter().map(|d| d.rank).collect(), 4, &seen.raw);
+    let served: usize = agents
+        .iter()
+        .filter(|a| a.stderr().contains("this node serves the job's rendezvous"))
+        .count();
+    assert_eq!(served, 1, "exactly one agent serves the rendezvous");
+}
+
+/// torchrun's single-node c10d form: `localhost:0` picks a free port.
+#[test]
+fn c10d_localhost_0_is_a_single_node_job_on_a_free_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = dir.path().join("records.txt");
+    let mut cmd = rdzv();
+    cmd.arg("run")
+        .args(["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"])
+        .args(["--nproc-per-node", "2"])
+        .arg("--")
+        .arg(common::worker_bin())
+        .env("WORKER_RECORD", &record)
+        .current_dir(dir.path());
+    let (code, stdout, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(common::Records::read(&[record]).dones.len(), 2, "{stderr}");
+    let mut cmd = rdzv();
+    cmd.arg("run")
+        .args(["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"])
+        .args(["--nnodes", "2", "--no-python", "true"]);
+    let (code, _, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 2, "port 0 on several nodes: {stderr}");
 }

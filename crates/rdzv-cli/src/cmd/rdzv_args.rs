@@ -88,23 +88,20 @@ pub enum Backend {
     Etcd(String),
     /// torchrun's `static`: fixed nodes, ranks from `--node-rank`, no rendezvous service.
     Static,
+    /// torchrun's `c10d`: the node whose address is the endpoint's host serves the rendezvous
+    /// (an etcd that `rdzv run` starts there), the others connect to it.
+    C10d,
     /// Anything else.
     Unknown(String),
 }
 
 /// The backends `rdzv run` knows, for error messages.
 pub const BACKENDS: &str = "etcd-v3 (the default), etcd, etcd-v2 (the same protocol over the \
-                            etcd v3 API) and static";
+                            etcd v3 API), c10d (an etcd served by the endpoint's host) and static";
 
 /// The error for an unknown backend.
 pub fn unknown_backend(name: &str) -> String {
-    let hint = if name == "c10d" {
-        ": rdzv does not serve c10d's TCPStore rendezvous; use etcd-v3 with an etcd (`rdzv \
-         etcd` starts one) or static"
-    } else {
-        ""
-    };
-    format!("--rdzv-backend (or PET_RDZV_BACKEND) '{name}' is not supported{hint}; rdzv's backends are {BACKENDS}")
+    format!("--rdzv-backend (or PET_RDZV_BACKEND) '{name}' is not supported; rdzv's backends are {BACKENDS}")
 }
 
 impl RendezvousTarget {
@@ -122,6 +119,7 @@ impl RendezvousTarget {
                 Backend::Etcd("etcd-v2".into())
             }
             Some("static") => Backend::Static,
+            Some("c10d") => Backend::C10d,
             Some(other) => Backend::Unknown(other.into()),
         }
     }
@@ -151,6 +149,8 @@ impl RendezvousTarget {
         let backend =
             match self.backend_kind() {
                 Backend::Etcd(name) => name,
+                // The etcd a c10d host serves is an etcd like any other for join, status, close.
+                Backend::C10d => "c10d".to_string(),
                 Backend::Static => return Err(usage(
                     "--rdzv-backend static has no rendezvous service: it is for `rdzv run` only",
                 )),

@@ -203,6 +203,121 @@ const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The round-store key where the nodes of a round agree on `--nproc-per-node`.
 const NPROC_KEY: &str = "rdzv/nproc_per_node";
 
+/// torchrun's default port of a c10d rendezvous endpoint.
+const DEFAULT_C10D_PORT: u16 = 29400;
+
+/// `--rdzv-backend c10d`, as torchrun's: the node whose address is the endpoint's host serves
+/// the rendezvous on that port — here an etcd this agent starts, where torchrun's agent starts a
+/// TCPStore — and every node (that one included) joins through it as with `etcd-v3`.
+/// `localhost:0` on a single node picks a free port. Several agents on the host: the first to
+/// bind the port serves it, the others are clients. Returns the etcd this agent serves, if any
+/// (it lives as long as the agent: this host is a single point of failure of the job).
+///
+/// # Errors
+/// A usage error for a bad endpoint; the etcd's own error if it cannot start.
+async fn serve_c10d(args: &mut RunArgs) -> anyhow::Result<Option<EtcdServer>> {
+    let text = args.target.endpoint.trim().to_string();
+    if text.is_empty() {
+        return Err(usage(
+            "--rdzv-backend c10d needs --rdzv-endpoint <host>:<port>",
+        ));
+    }
+    let ep = rdzv::parse_endpoint(&text, DEFAULT_C10D_PORT)
+        .or_else(|e| match text.rsplit_once(':') {
+            // Port 0 (torchrun's `localhost:0`) is valid for c10d: a free port.
+            Some((host, "0")) => rdzv::parse_endpoint(host, DEFAULT_C10D_PORT)
+                .map(|e| rdzv::Endpoint { port: 0, ..e })
+                .map_err(|_| e),
+            _ => Err(e),
+        })
+        .map_err(|e| usage(format!("--rdzv-endpoint for c10d: {e}")))?;
+    if ep.port == 0 && args.nnodes.max > 1 {
+        return Err(usage(
+            "a c10d endpoint with port 0 (a free port) only works on a single node: give the \
+             port the other nodes will connect to",
+        ));
+    }
+    if args.target.run_id.is_none() {
+        args.target.run_id = Some("none".into());
+    }
+    let Some(listen) = local_address_of(&ep.host) else {
+        tracing::info!(endpoint = %text, "c10d: the rendezvous is served by another host");
+        args.target.endpoint = format!("{}:{}", bracket(&ep.host), ep.port);
+        return Ok(None);
+    };
+    let port = if ep.port == 0 {
+        rdzv::bootstrap::free_port(&listen.to_string())?
+    } else {
+        ep.port
+    };
+    // This host's agents reach the etcd at the address the host name gave.
+    args.target.endpoint = format!("{}:{port}", bracket(&listen.to_string()));
+    // The first agent on this host to bind the port serves it; the others are its clients.
+    if std::net::TcpListener::bind((listen, port)).is_err() {
+        tracing::info!(
+            port,
+            "c10d: the port is taken (another agent on this host serves it)"
+        );
+        return Ok(None);
+    }
+    let listen_host = match listen {
+        std::net::IpAddr::V4(v4) if v4 == std::net::Ipv4Addr::LOCALHOST => None,
+        ip if ip.is_loopback() => Some(ip),
+        // Other hosts connect to this address: listen on every interface, as a TCPStore does.
+        std::net::IpAddr::V4(_) => Some(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        std::net::IpAddr::V6(_) => Some(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+    };
+    let options = rdzv::etcd::EtcdServerOptions {
+        client_port: Some(port),
+        listen_host,
+        ..Default::default()
+    };
+    match EtcdServer::start_with(options).await {
+        Ok(etcd) => {
+            tracing::warn!(
+                endpoint = %args.target.endpoint,
+                "c10d: this node serves the job's rendezvous (an etcd); the job depends on \
+                 this host: an etcd cluster (--rdzv-backend etcd-v3) has no single point of \
+                 failure"
+            );
+            Ok(Some(etcd))
+        }
+        // Lost the race for the port to another agent of this host: be its client.
+        Err(e) if std::net::TcpListener::bind((listen, port)).is_err() => {
+            tracing::info!(port, "c10d: another agent on this host serves the port");
+            tracing::debug!(error = %e, "c10d: the etcd this agent started could not bind");
+            Ok(None)
+        }
+        Err(e) => Err(e).context("c10d: cannot start the rendezvous etcd on this host"),
+    }
+}
+
+/// `host` with IPv6 brackets if it needs them in `host:port`.
+fn bracket(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// The local address `host` names, if it names this machine: a loopback or local IP, this
+/// machine's host name, or a name that resolves to an address of this machine (one a socket
+/// can be bound to).
+fn local_address_of(host: &str) -> Option<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let candidates: Vec<std::net::IpAddr> = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => (host, 0)
+            .to_socket_addrs()
+            .map(|addrs| addrs.map(|a| a.ip()).collect())
+            .unwrap_or_default(),
+    };
+    candidates
+        .into_iter()
+        .find(|ip| std::net::TcpListener::bind((*ip, 0)).is_ok())
+}
+
 /// torchrun's default `--master-port` for the `static` backend on several nodes.
 const DEFAULT_MASTER_PORT: u16 = 29500;
 
@@ -446,8 +561,10 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         ));
     }
+    let c10d = args.target.backend_kind() == Backend::C10d;
     let static_job = match args.target.backend_kind() {
         Backend::Static => true,
+        Backend::C10d => false,
         Backend::Unknown(name) => return usage_error(unknown_backend(&name)),
         // torchrun's default: no rendezvous service unless an endpoint is given.
         Backend::Etcd(_) => {
@@ -471,7 +588,12 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         return run_static(args, nproc, command).await;
     }
     let mut signals = TerminationSignals::install_for(&handled_signals)?;
-    let _etcd: Option<EtcdServer> = if args.standalone {
+    let _etcd: Option<EtcdServer> = if c10d {
+        if args.standalone {
+            return usage_error("--standalone starts its own etcd: it does not go with c10d");
+        }
+        serve_c10d(&mut args).await?
+    } else if args.standalone {
         if !args.target.endpoint.trim().is_empty() {
             return usage_error("--standalone starts its own etcd: do not give --rdzv-endpoint");
         }

@@ -202,6 +202,9 @@ pub struct EtcdServerOptions {
     /// `<listen_host>:<port>`. etcd's `--listen-client-urls` cannot be overridden through
     /// [`extra_args`](Self::extra_args), since the port is chosen at start.
     pub listen_host: Option<std::net::IpAddr>,
+    /// The client port; `None` (the default) picks a free one (and retries on a clash). A
+    /// given port is used once: if it is taken, the start fails.
+    pub client_port: Option<u16>,
 }
 
 /// TLS for the client URLs of an [`EtcdServer`] or [`EtcdCluster`] (peer URLs stay plain
@@ -251,6 +254,7 @@ impl Default for EtcdServerOptions {
             binary: None,
             tls: None,
             listen_host: None,
+            client_port: None,
         }
     }
 }
@@ -871,7 +875,8 @@ impl EtcdServer {
         loop {
             attempt += 1;
             let temp_dir = new_temp_dir()?;
-            let [client_port, peer_port] = free_ports::<2>()?;
+            let [free_client_port, peer_port] = free_ports::<2>()?;
+            let client_port = options.client_port.unwrap_or(free_client_port);
             let spec = MemberSpec {
                 initial_cluster: format!("rdzv={}", url(peer_port)),
                 cluster_token: cluster_token(),
@@ -906,7 +911,10 @@ impl EtcdServer {
                 Err(WaitError::Exited { status, .. }) => {
                     let log_tail = log_tail(&spec.log_path);
                     tracing::debug!(%status, attempt, log_tail, "etcd exited during start-up");
-                    if attempt >= MAX_ATTEMPTS || Instant::now() >= deadline {
+                    if attempt >= MAX_ATTEMPTS
+                        || Instant::now() >= deadline
+                        || options.client_port.is_some()
+                    {
                         return Err(EtcdServerError::ExitedEarly {
                             attempts: attempt,
                             status: status.to_string(),
@@ -1142,7 +1150,10 @@ impl EtcdCluster {
                 Err(WaitError::Exited { index, status }) => {
                     let log_tail = log_tail(&members[index].spec.log_path);
                     tracing::debug!(member = index, %status, attempt, log_tail, "etcd member exited during start-up");
-                    if attempt >= MAX_ATTEMPTS || Instant::now() >= deadline {
+                    if attempt >= MAX_ATTEMPTS
+                        || Instant::now() >= deadline
+                        || options.client_port.is_some()
+                    {
                         return Err(EtcdServerError::ExitedEarly {
                             attempts: attempt,
                             status: format!("member m{index}: {status}"),
