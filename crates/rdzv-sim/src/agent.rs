@@ -79,6 +79,8 @@ pub async fn run_agent(
         addrs: vec![format!("10.0.{}.{}", host / 250, host % 250 + 1)],
         node_rank: None,
         prev_rank: None,
+        // Nodes run different numbers of workers, as a launcher says.
+        local_world_size: Some(1 + host as u64 % 3),
         pid: host as u32 + 100,
         detached: false,
         left: false,
@@ -140,7 +142,10 @@ async fn serve(
             world = info.world_size,
             "agent: acting"
         );
-        shared.check(|c| c.on_view(name, info.round, info.rank, info.world_size));
+        shared.check(|c| {
+            c.on_view(name, info.round, info.rank, info.world_size);
+            c.on_global_ranks(name, info.round, info.global_ranks);
+        });
         // Act on the rank until the membership changes.
         let stop = loop {
             tokio::select! {

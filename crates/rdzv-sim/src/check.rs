@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rdzv::etcd::api::{Event, EventType};
 use rdzv::etcd::keys::RunKeys;
-use rdzv::etcd::records::{decode, Assignment, FinalRecord};
+use rdzv::etcd::records::{decode, Assignment, FinalRecord, NodeRecord};
 
 use crate::model::Model;
 use crate::server::Cause;
@@ -34,6 +34,8 @@ pub struct RoundTable {
     pub world: usize,
     /// Node id → rank.
     pub ranks: BTreeMap<String, usize>,
+    /// Node id → (first global rank, global world size), as assigned.
+    pub global: BTreeMap<String, (Option<u64>, Option<u64>)>,
     /// The revision of the final record.
     pub revision: i64,
 }
@@ -210,15 +212,18 @@ impl Checker {
         }
         let prefix = self.keys.assign_prefix(round);
         let mut ranks = BTreeMap::new();
+        let mut global = BTreeMap::new();
         for kv in model.scan_prefix(prefix.as_bytes()) {
             let Ok(a) = decode::<Assignment>(&kv.key, &kv.value) else {
                 continue;
             };
             if a.token == record.token {
                 let node = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
-                ranks.insert(node, a.rank);
+                ranks.insert(node.clone(), a.rank);
+                global.insert(node, (a.first_global_rank, a.global_world_size));
             }
         }
+        self.check_global_ranks(model, round, &ranks, &global);
         let w = record.world_size;
         let mut seen: Vec<usize> = ranks.values().copied().collect();
         seen.sort_unstable();
@@ -237,9 +242,68 @@ impl Checker {
                 token: record.token,
                 world: w,
                 ranks,
+                global,
                 revision: e.kv.mod_revision,
             },
         );
+    }
+
+    /// Global ranks (the members' workers) as torchrun lays them out: in rank order, each
+    /// member's `local_world_size` ranks after the previous member's, `0..total` exactly once.
+    fn check_global_ranks(
+        &mut self,
+        model: &Model,
+        round: u64,
+        ranks: &BTreeMap<String, usize>,
+        global: &BTreeMap<String, (Option<u64>, Option<u64>)>,
+    ) {
+        let mut by_rank: Vec<(usize, &String)> = ranks.iter().map(|(n, r)| (*r, n)).collect();
+        by_rank.sort_unstable();
+        // (rank, node, first, total, its local world size if its join record is still there:
+        // a member that left just before the round completed has a rank but no record).
+        let rows: Vec<_> = by_rank
+            .into_iter()
+            .map(|(rank, node)| {
+                let lws = model
+                    .get(self.keys.member(round, node).as_bytes())
+                    .and_then(|kv| decode::<NodeRecord>(&kv.key, &kv.value).ok())
+                    .and_then(|r| r.local_world_size);
+                let (first, total) = global.get(node).copied().unwrap_or((None, None));
+                (rank, node.clone(), first, total, lws)
+            })
+            .collect();
+        if rows.iter().any(|r| r.2.is_none() || r.3.is_none()) {
+            return;
+        }
+        let totals: BTreeSet<u64> = rows.iter().filter_map(|r| r.3).collect();
+        self.check(totals.len() == 1, || {
+            format!("round {round}: the members were told different global world sizes {totals:?}")
+        });
+        let mut next = 0u64;
+        // Exact while every member before has a known size; after an unknown one, the first
+        // ranks must only increase.
+        let mut exact = true;
+        for (rank, node, first, _, lws) in &rows {
+            let first = first.unwrap_or_default();
+            let ok = if exact { first == next } else { first >= next };
+            self.check(ok, || {
+                format!(
+                    "round {round}: rank {rank} ({node}) has first global rank {first}, \
+                     expected {next} (the sum of the members' workers before it)"
+                )
+            });
+            match lws {
+                Some(lws) => next = first + lws,
+                None => {
+                    exact = false;
+                    next = first + 1;
+                }
+            }
+        }
+        let total = totals.iter().next().copied().unwrap_or_default();
+        self.check(if exact { total == next } else { total >= next }, || {
+            format!("round {round}: global world size {total}, the workers add up to {next}")
+        });
     }
 
     fn on_join(&mut self, model: &Model, round: u64, node: &str, lease: i64) {
@@ -317,6 +381,24 @@ impl Checker {
         let t = self.nodes.entry(node.to_string()).or_default();
         t.last_view = Some(round);
         t.acting = Some(round);
+    }
+
+    /// A node was told its global ranks (with its view): they must be the table's.
+    pub fn on_global_ranks(&mut self, node: &str, round: u64, told: Option<rdzv::GlobalRanks>) {
+        let Some(t) = self.finals.get(&round).cloned() else {
+            return;
+        };
+        let table = t.global.get(node).copied().unwrap_or((None, None));
+        let expected = match table {
+            (Some(first), Some(total)) => Some((first as usize, total as usize)),
+            _ => None,
+        };
+        let got = told.map(|g| (g.first, g.world_size));
+        self.check(got == expected, || {
+            format!(
+                "{node} was told global ranks {got:?} in round {round}, the table says {expected:?}"
+            )
+        });
     }
 
     /// A node stopped acting on its round (it re-rendezvouses, leaves, or was told it lost).

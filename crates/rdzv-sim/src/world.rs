@@ -96,6 +96,7 @@ impl World {
             retention: Duration::from_secs(3600),
             store_timeout: Duration::from_secs(60),
             node_rank: None,
+            local_world_size: None,
             max_txn_ops: cfg.max_txn_ops,
             min_nodes: cfg.min_nodes,
             max_nodes: cfg.max_nodes,

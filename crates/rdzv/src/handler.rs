@@ -19,6 +19,19 @@ pub struct RendezvousInfo {
     pub round: u64,
     /// A store scoped to this run and round.
     pub store: Arc<dyn Store>,
+    /// Where this node's workers sit among all the round's workers, when every member said
+    /// how many it runs (a launcher's `local_world_size`): torchrun's layout, each node's
+    /// global ranks after those of the nodes before it in rank order.
+    pub global_ranks: Option<GlobalRanks>,
+}
+
+/// This node's global ranks: `first..first + its local world size`, of `world_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlobalRanks {
+    /// The first global rank of this node's workers.
+    pub first: usize,
+    /// The number of workers of the round (the sum of the members' local world sizes).
+    pub world_size: usize,
 }
 
 /// Something that happened to the membership of this node's last completed round.

@@ -32,7 +32,7 @@ mod proptests;
 
 pub use endpoint::{parse_endpoint, parse_endpoints, Endpoint, EndpointError};
 pub use error::RendezvousError;
-pub use handler::{MembershipEvent, RendezvousHandler, RendezvousInfo};
+pub use handler::{GlobalRanks, MembershipEvent, RendezvousHandler, RendezvousInfo};
 pub use parameters::{
     parse_config, parse_duration, parse_duration_in, ParameterError, RendezvousParameters,
     MAX_RETENTION, MAX_TIMEOUT,

@@ -204,12 +204,14 @@ proptest! {
         addrs in prop::collection::vec(any::<String>(), 0..4),
         node_rank in prop::option::of(any::<u64>()),
         prev_rank in prop::option::of(any::<usize>()),
+        local_world_size in prop::option::of(any::<u64>()),
         pid in any::<u32>(),
         detached in any::<bool>(),
         left in any::<bool>(),
     ) {
         let record = NodeRecord {
-            v: SCHEMA_VERSION, node_id, hostname, addrs, node_rank, prev_rank, pid, detached, left,
+            v: SCHEMA_VERSION, node_id, hostname, addrs, node_rank, prev_rank, local_world_size,
+            pid, detached, left,
         };
         let decoded: Result<NodeRecord, RendezvousError> = decode(b"k", &encode(&record));
         prop_assert_eq!(decoded.ok(), Some(record));

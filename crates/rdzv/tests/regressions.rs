@@ -326,6 +326,7 @@ async fn join_record_without_a_lease_is_a_state_error_naming_the_key() {
         addrs: vec!["10.0.0.1".into()],
         node_rank: None,
         prev_rank: None,
+        local_world_size: None,
         pid: 1,
         detached: false,
         left: false,

@@ -410,6 +410,8 @@ async fn run_static(
             nproc,
             group_rank: node_rank,
             group_world_size: nnodes,
+            first_rank: node_rank * nproc,
+            world_size: nnodes * nproc,
             attempt_dir: log_root.join(format!("attempt_{restart_count}")),
             redirects: args.redirects.clone(),
             tee: args.tee.clone(),
@@ -623,7 +625,9 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let params = args
         .target
-        .parameters(args.nnodes, args.local_addr.as_deref(), args.node_rank)?;
+        .parameters(args.nnodes, args.local_addr.as_deref(), args.node_rank)?
+        // The finaliser lays out the global ranks from every node's worker count.
+        .with_config("local_world_size", nproc.to_string());
     let run_id = params.run_id.clone();
     let handler = Arc::new(
         EtcdRendezvousHandler::connect(&params)
@@ -698,22 +702,34 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
             },
             master = exchange => master.context("cannot agree on MASTER_ADDR/MASTER_PORT")?,
         };
-        // Global ranks assume the same number of workers on every node: refuse a node that
-        // differs rather than hand out duplicate ranks (the first node of the round sets it).
-        let agreed = info
-            .store
-            .compare_set(NPROC_KEY, b"", nproc.to_string().as_bytes())
-            .await
-            .context("cannot agree on --nproc-per-node")?;
-        if agreed != nproc.to_string().as_bytes() {
-            let _ = handler.shutdown().await;
-            return Err(usage(format!(
-                "--nproc-per-node differs across the nodes of run '{run_id}': this node has \
-                 {nproc}, the others {}; rdzv needs the same number of workers on every node \
-                 (different numbers per node are not supported yet)",
-                String::from_utf8_lossy(&agreed)
-            )));
-        }
+        // Global ranks: each node's workers after those of the nodes before it, as the
+        // finaliser laid them out from every node's --nproc-per-node (torchrun's layout).
+        let global = match info.global_ranks {
+            Some(g) => g,
+            // A member that did not say (not started by `rdzv run`): only the same count on
+            // every node gives right ranks; refuse a node that differs rather than hand out
+            // duplicate ranks (the first node of the round sets it).
+            None => {
+                let agreed = info
+                    .store
+                    .compare_set(NPROC_KEY, b"", nproc.to_string().as_bytes())
+                    .await
+                    .context("cannot agree on --nproc-per-node")?;
+                if agreed != nproc.to_string().as_bytes() {
+                    let _ = handler.shutdown().await;
+                    return Err(usage(format!(
+                        "--nproc-per-node differs across the nodes of run '{run_id}': this node \
+                         has {nproc}, the others {}, and not every node said how many workers \
+                         it runs",
+                        String::from_utf8_lossy(&agreed)
+                    )));
+                }
+                rdzv::GlobalRanks {
+                    first: info.rank * nproc,
+                    world_size: info.world_size * nproc,
+                }
+            }
+        };
         let spec = GroupSpec {
             command: command.clone(),
             env: worker_env(&args, nproc, &run_id, restart_count, info.round, &master),
@@ -721,18 +737,20 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
             nproc,
             group_rank: info.rank,
             group_world_size: info.world_size,
+            first_rank: global.first,
+            world_size: global.world_size,
             attempt_dir: log_root.join(format!("attempt_{restart_count}")),
             redirects: args.redirects.clone(),
             tee: args.tee.clone(),
             console: console_spec(&args),
         };
-        let first = info.rank * nproc;
+        let first = global.first;
         tracing::info!(
             round = info.round,
             group_rank = info.rank,
             group_world_size = info.world_size,
             ranks = %format!("{first}..{}", first + nproc),
-            world_size = info.world_size * nproc,
+            world_size = global.world_size,
             master = %format!("{}:{}", master.addr, master.port),
             restart_count,
             "starting workers"

@@ -169,6 +169,11 @@ pub struct GroupSpec {
     pub group_rank: usize,
     /// Nodes in the round.
     pub group_world_size: usize,
+    /// The global rank of local rank 0 (torchrun's layout: the workers of the nodes before
+    /// this one in group-rank order come first).
+    pub first_rank: usize,
+    /// All workers of the round (WORLD_SIZE).
+    pub world_size: usize,
     /// Where per-attempt files go (`<dir>/attempt_<n>/<local_rank>/`).
     pub attempt_dir: PathBuf,
     /// Write these streams to log files only (no console), per local rank.
@@ -313,8 +318,8 @@ impl WorkerGroup {
     }
 
     async fn start_one(spec: &GroupSpec, local_rank: usize) -> anyhow::Result<Worker> {
-        let rank = spec.group_rank * spec.nproc + local_rank;
-        let world = spec.group_world_size * spec.nproc;
+        let rank = spec.first_rank + local_rank;
+        let world = spec.world_size;
         let dir = spec.attempt_dir.join(local_rank.to_string());
         tokio::fs::create_dir_all(&dir)
             .await
@@ -582,6 +587,8 @@ mod tests {
             nproc: 1,
             group_rank: 0,
             group_world_size: 1,
+            first_rank: 0,
+            world_size: 1,
             attempt_dir: attempt,
             redirects: StreamMap::default(),
             tee: StreamMap::default(),

@@ -38,6 +38,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "retention",
     "store_timeout",
     "node_rank",
+    "local_world_size",
     "max_txn_ops",
 ];
 

@@ -51,6 +51,7 @@ impl EtcdRendezvousHandler {
                 node_rank: rec.node_rank,
                 prev_rank: rec.prev_rank,
                 joined: kv.create_revision(),
+                local_world_size: rec.local_world_size,
             });
         }
         if candidates.len() < min {
@@ -92,6 +93,21 @@ impl EtcdRendezvousHandler {
         };
         let run_lease = self.run_lease_id().await?;
         let leased = || Some(PutOptions::new().with_lease(run_lease));
+        // Global ranks as torchrun lays them out: each member's workers after those of the
+        // members before it in rank order (only if every member said how many it runs).
+        let sizes: Option<Vec<u64>> = table.ranked.iter().map(|c| c.local_world_size).collect();
+        let firsts: Option<(Vec<u64>, u64)> = sizes.map(|sizes| {
+            let mut total = 0u64;
+            let firsts = sizes
+                .iter()
+                .map(|n| {
+                    let first = total;
+                    total = total.saturating_add(*n);
+                    first
+                })
+                .collect();
+            (firsts, total)
+        });
         let assigns: Vec<TxnOp> = table
             .ranked
             .iter()
@@ -102,6 +118,8 @@ impl EtcdRendezvousHandler {
                     rank,
                     world_size,
                     token: token.clone(),
+                    first_global_rank: firsts.as_ref().map(|(f, _)| f[rank]),
+                    global_world_size: firsts.as_ref().map(|(_, total)| *total),
                 };
                 TxnOp::put(k.assign(round, &c.node_id), encode(&a), leased())
             })
@@ -138,6 +156,12 @@ impl EtcdRendezvousHandler {
             .ranked
             .iter()
             .position(|c| c.node_id == self.node.node_id);
+        let global = rank.zip(firsts.as_ref()).and_then(|(r, (f, total))| {
+            Some(crate::GlobalRanks {
+                first: usize::try_from(f[r]).ok()?,
+                world_size: usize::try_from(*total).ok()?,
+            })
+        });
         tracing::debug!(
             round,
             world_size,
@@ -147,6 +171,7 @@ impl EtcdRendezvousHandler {
         Ok(Some(RoundResult {
             record,
             rank,
+            global,
             next_round: round + 1,
         }))
     }
@@ -244,17 +269,20 @@ impl EtcdRendezvousHandler {
             .client
             .get(self.keys.assign(record.round, &self.node.node_id), None)
             .await?;
-        let rank = match resp.kvs().first() {
+        let ours = match resp.kvs().first() {
             Some(kv) => {
                 let a: Assignment = decode(kv.key(), kv.value())?;
-                (a.token == record.token).then_some(a.rank)
+                (a.token == record.token).then_some(a)
             }
             None => None,
         };
+        let rank = ours.as_ref().map(|a| a.rank);
+        let global = ours.as_ref().and_then(super::round::global_ranks);
         let next_round = record.round + 1;
         Ok(RoundResult {
             record,
             rank,
+            global,
             next_round,
         })
     }

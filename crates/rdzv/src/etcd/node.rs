@@ -77,6 +77,7 @@ pub(crate) fn local_node_record(local_addr: Option<&str>, node_rank: Option<u64>
         },
         node_rank,
         prev_rank: None,
+        local_world_size: None,
         pid: std::process::id(),
         detached: false,
         left: false,

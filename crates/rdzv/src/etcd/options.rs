@@ -18,6 +18,7 @@
 //! | `retention` | `1h` | how long a run's keys outlive its last node |
 //! | `store_timeout` | `300s` | default bound on blocking store operations |
 //! | `node_rank` | – | a hint for this node's place in the first round's rank order |
+//! | `local_world_size` | – | this node's workers (set by `rdzv run`): members get global ranks |
 //! | `max_txn_ops` | `128` | etcd's `--max-txn-ops`: larger rank tables are written in chunks |
 //!
 //! Without `password` or `password_file`, a `username` takes its password from the environment
@@ -118,6 +119,9 @@ pub struct RendezvousSettings {
     pub store_timeout: Duration,
     /// Rank-order hint.
     pub node_rank: Option<u64>,
+    /// How many workers this node runs (`local_world_size`, set by launchers): with every
+    /// member's, each gets its global ranks.
+    pub local_world_size: Option<u64>,
     /// Operations per transaction at most (etcd's `--max-txn-ops`).
     pub max_txn_ops: usize,
     /// Minimum nodes per round.
@@ -483,6 +487,12 @@ impl RendezvousSettings {
             node_rank: match params.get_int("node_rank")? {
                 Some(r) if r < 0 => return Err(bad("node_rank", "must not be negative")),
                 r => r.map(|r| r as u64),
+            },
+            local_world_size: match params.get_int("local_world_size")? {
+                Some(n) if !(1..=1_000_000).contains(&n) => {
+                    return Err(bad("local_world_size", "must be between 1 and 1000000"))
+                }
+                n => n.map(|n| n as u64),
             },
             max_txn_ops: match params.get_int("max_txn_ops")?.unwrap_or(128) {
                 n if n < MIN_TXN_OPS as i64 => {

@@ -23,6 +23,8 @@ pub struct Candidate {
     pub prev_rank: Option<usize>,
     /// etcd create revision of its join record (join order).
     pub joined: i64,
+    /// Its workers, if it said.
+    pub local_world_size: Option<u64>,
 }
 
 /// The outcome: `ranked[r]` has rank `r`; `waiting` did not fit.
@@ -126,6 +128,7 @@ mod tests {
             node_rank: None,
             prev_rank: None,
             joined,
+            local_world_size: None,
         }
     }
 

@@ -26,6 +26,10 @@ pub struct NodeRecord {
     /// Rank in the previous round, if this node was a member of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_rank: Option<usize>,
+    /// How many workers (global ranks) this node runs, if it says (a launcher does): the
+    /// finaliser then gives every member its first global rank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_world_size: Option<u64>,
     /// Process id.
     pub pid: u32,
     /// Set when the node left after the round without failing (a one-shot member).
@@ -68,6 +72,13 @@ pub struct Assignment {
     pub world_size: usize,
     /// Must equal the [`FinalRecord::token`].
     pub token: String,
+    /// The first global rank of this node's workers: the sum of the local world sizes of the
+    /// members before it in rank order (only when every member gave its local world size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_global_rank: Option<u64>,
+    /// The sum of the members' local world sizes (with `first_global_rank`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_world_size: Option<u64>,
 }
 
 /// The last-call marker: the round completes `duration_ms` after it was written, with whoever
@@ -179,6 +190,8 @@ mod tests {
             rank: 3,
             world_size: 4,
             token: "t".into(),
+            first_global_rank: None,
+            global_world_size: None,
         };
         assert_eq!(decode::<Assignment>(b"k", &encode(&a)).unwrap(), a);
     }

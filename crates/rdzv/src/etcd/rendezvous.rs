@@ -130,7 +130,10 @@ impl EtcdRendezvousHandler {
         settings: RendezvousSettings,
     ) -> Result<Self, RendezvousError> {
         params.validate()?;
-        let node = local_node_record(params.local_addr.as_deref(), settings.node_rank);
+        let node = NodeRecord {
+            local_world_size: settings.local_world_size,
+            ..local_node_record(params.local_addr.as_deref(), settings.node_rank)
+        };
         Self::with_identity(client, params, settings, node, NodeEnv::from_machine()).await
     }
 
@@ -613,6 +616,7 @@ impl RendezvousHandler for EtcdRendezvousHandler {
                 world_size: record.world_size,
                 round,
                 store: Arc::new(store),
+                global_ranks: result.global,
             });
         }
     }

@@ -30,6 +30,8 @@ pub(super) enum Step {
 pub(super) struct RoundResult {
     pub(super) record: FinalRecord,
     pub(super) rank: Option<usize>,
+    /// This node's global ranks, if the finaliser gave them.
+    pub(super) global: Option<crate::GlobalRanks>,
     /// The round to try next if this node has no rank (the open round, as far as known).
     pub(super) next_round: u64,
 }
@@ -194,12 +196,13 @@ impl EtcdRendezvousHandler {
             JoinOutcome::Closed => return Ok(Step::Closed),
             JoinOutcome::Stale(open) => return Ok(Step::Stale(open)),
             JoinOutcome::Completed(record, assignment, open) => {
-                let rank = assignment
-                    .filter(|a| a.token == record.token)
-                    .map(|a| a.rank);
+                let ours = assignment.filter(|a| a.token == record.token);
+                let rank = ours.as_ref().map(|a| a.rank);
+                let global = ours.as_ref().and_then(global_ranks);
                 return Ok(Step::Done(RoundResult {
                     record,
                     rank,
+                    global,
                     next_round: open.max(round + 1),
                 }));
             }
@@ -751,4 +754,12 @@ fn jitter(node_id: &str, max: Duration) -> Duration {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
     });
     Duration::from_millis(h % (max.as_millis() as u64).max(1))
+}
+
+/// The global ranks an assignment gives, if it gives them (and they fit this machine).
+pub(super) fn global_ranks(a: &Assignment) -> Option<crate::GlobalRanks> {
+    Some(crate::GlobalRanks {
+        first: usize::try_from(a.first_global_rank?).ok()?,
+        world_size: usize::try_from(a.global_world_size?).ok()?,
+    })
 }

@@ -153,6 +153,7 @@ pub async fn read_status(
                     addrs: Vec::new(),
                     node_rank: None,
                     prev_rank: None,
+                    local_world_size: None,
                     pid: 0,
                     detached: false,
                     left: false,
