@@ -11,6 +11,8 @@
 //!   run_id=X master=ADDR:PORT round=N` after the environment checks (before the all-reduce), and
 //!   `done rank=R world=W restart=C` after success; each line is one `write_all` on a file
 //!   opened for appending, so concurrent workers do not interleave.
+//! - `WORKER_FAIL_AT=r@c,...`: the worker with `RANK == r` fails (as below) when
+//!   `TORCHELASTIC_RESTART_COUNT == c`.
 //! - `WORKER_FAIL_RANK=r` (+ `WORKER_FAIL_UNTIL_RESTART=n`): the worker with `RANK == r` writes
 //!   an error file and exits 1 while `TORCHELASTIC_RESTART_COUNT < n` (always without `n`).
 //! - `WORKER_SLEEP_SECS=s` (+ `WORKER_SLEEP_IF_WORLD=w`): sleep `s` seconds before the
@@ -395,6 +397,22 @@ fn main() {
         env.master_port,
         env.round
     ));
+
+    let fail_at = var("WORKER_FAIL_AT").unwrap_or_default();
+    if fail_at.split(',').any(|item| {
+        item.split_once('@').is_some_and(|(r, c)| {
+            r.trim().parse::<u64>() == Ok(env.rank)
+                && c.trim().parse::<u64>() == Ok(env.restart_count)
+        })
+    }) {
+        fail(
+            EXIT_INJECTED,
+            format!(
+                "injected failure of rank {} at restart {}",
+                env.rank, env.restart_count
+            ),
+        );
+    }
 
     if optional_number::<u64>("WORKER_FAIL_RANK") == Some(env.rank) {
         let until = optional_number::<u64>("WORKER_FAIL_UNTIL_RESTART");

@@ -496,6 +496,42 @@ fn log_dir_attempt_is_the_restart_count_across_membership_changes() {
     }
 }
 
+/// Regression (issue 12): `--max-restarts` was counted per node (as torchrun does, PyTorch
+/// issue 108158), so a job of N nodes could restart N times more than asked. The budget is the
+/// job's: here rank 0 (node A) fails in the first attempt and rank 1 (node B) in the second;
+/// with `--max-restarts 1` the second failed round exhausts the job's budget.
+#[test]
+fn max_restarts_is_a_budget_for_the_whole_job() {
+    let mut job = Job::new("run-budget");
+    for _ in 0..2 {
+        job.start(
+            &AgentSpec::new("2", 1)
+                .flag("--max-restarts=1")
+                .env("WORKER_FAIL_AT", "0@0,1@1"),
+        );
+    }
+    for i in 0..2 {
+        let code = job.exit_code(i);
+        assert_eq!(
+            code,
+            1,
+            "agent{i}: the job's budget is spent\n{}",
+            job.describe()
+        );
+    }
+    let records = job.records();
+    let context = job.describe();
+    let mut attempts: Vec<u32> = records.starts.iter().map(|s| s.restart).collect();
+    attempts.sort_unstable();
+    attempts.dedup();
+    assert_eq!(
+        attempts,
+        vec![0, 1],
+        "two attempts, every node's workers told the job's restart count\n{context}"
+    );
+    assert!(records.dones.is_empty(), "{context}");
+}
+
 #[test]
 fn exhausted_restarts_close_the_run() {
     let mut job = Job::new("run-exhausted");

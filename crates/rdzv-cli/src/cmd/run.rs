@@ -56,7 +56,8 @@ pub struct RunArgs {
     #[arg(long, env = "PET_STANDALONE", value_parser = clap::builder::BoolishValueParser::new())]
     standalone: bool,
 
-    /// Restarts of the worker group after a failure, before giving up.
+    /// Restarts after a failure before giving up. With etcd the budget is the job's: a failed
+    /// round counts once, whichever nodes' workers failed in it (torchrun counts per node).
     #[arg(
         long = "max-restarts",
         alias = "max_restarts",
@@ -656,6 +657,11 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let mut restart_count: u32 = 0;
     loop {
+        // TORCHELASTIC_RESTART_COUNT is the job's (every node restarts after a failure).
+        match handler.failed_rounds().await {
+            Ok(n) => restart_count = restart_count.max(u32::try_from(n).unwrap_or(u32::MAX)),
+            Err(e) => tracing::debug!(error = %e, "cannot read the job's restart count"),
+        }
         let info = tokio::select! {
             r = handler.next_rendezvous() => match r {
                 Ok(info) => info,
@@ -793,8 +799,17 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
             }
             Outcome::Failed(failure) => {
                 group.stop(args.grace_period).await;
-                if restart_count < args.max_restarts {
-                    restart_count += 1;
+                // The budget is the job's: one failed round counts once, whichever nodes'
+                // workers failed in it.
+                let failed = match handler.record_failed_round(info.round).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot count the failure in etcd; counting it on this node");
+                        u64::from(restart_count) + 1
+                    }
+                };
+                if failed <= u64::from(args.max_restarts) {
+                    restart_count = u32::try_from(failed).unwrap_or(u32::MAX);
                     tracing::warn!(
                         rank = failure.rank,
                         exit = %failure.describe_exit(),

@@ -4,6 +4,8 @@
 //! <prefix>/<run_id>/lease                      run lease id (bound to the run lease)
 //! <prefix>/<run_id>/closed                     present once the run is closed
 //! <prefix>/<run_id>/current                    number of the open round
+//! <prefix>/<run_id>/restarts                   failed rounds of the job (its restart budget)
+//! <prefix>/<run_id>/failed/<round>             this round's failure was counted
 //! <prefix>/<run_id>/r/<round>/ctl/lastcall     when the open round completes (≥ min joined)
 //! <prefix>/<run_id>/r/<round>/ctl/claim        finaliser's claim (large rounds only)
 //! <prefix>/<run_id>/r/<round>/ctl/final        the completed round's summary
@@ -70,6 +72,16 @@ impl RunKeys {
     /// The open round's number.
     pub fn current(&self) -> String {
         format!("{}/current", self.base)
+    }
+
+    /// The job's number of failed rounds.
+    pub fn restarts(&self) -> String {
+        format!("{}/restarts", self.base)
+    }
+
+    /// The marker that round `round`'s failure was counted.
+    pub fn failed(&self, round: u64) -> String {
+        format!("{}/failed/{round:012}", self.base)
     }
 
     /// `r/<round>/`.

@@ -19,6 +19,7 @@ pub mod options;
 pub mod ranks;
 pub mod records;
 pub mod rendezvous;
+mod restarts;
 mod round;
 pub mod server;
 pub mod status;
