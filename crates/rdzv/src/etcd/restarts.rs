@@ -11,7 +11,7 @@ use crate::RendezvousError;
 const MAX_ATTEMPTS: usize = 64;
 
 /// Parses the counter: canonical decimal.
-fn parse_count(key: &str, value: &[u8]) -> Result<u64, RendezvousError> {
+pub(super) fn parse_count(key: &str, value: &[u8]) -> Result<u64, RendezvousError> {
     std::str::from_utf8(value)
         .ok()
         .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) && t.len() <= 12)

@@ -45,6 +45,8 @@ pub struct RunStatus {
     pub last_round: Option<FinalRecord>,
     /// Its members in rank order.
     pub members: Vec<MemberStatus>,
+    /// The job's failed rounds (the restarts `rdzv run` counted against `--max-restarts`).
+    pub failed_rounds: u64,
 }
 
 /// Whether the run has any key (a node created it, and its keys have not expired).
@@ -174,7 +176,12 @@ pub async fn read_status(
     } else {
         Vec::new()
     };
+    let failed_rounds = match client.get(keys.restarts(), None).await?.kvs().first() {
+        Some(kv) => super::restarts::parse_count(&keys.restarts(), kv.value())?,
+        None => 0,
+    };
     Ok(RunStatus {
+        failed_rounds,
         run_id: run_id.to_string(),
         closed: closed_by.is_some(),
         closed_by,
