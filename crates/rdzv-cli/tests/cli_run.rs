@@ -530,7 +530,11 @@ fn max_restarts_is_a_budget_for_the_whole_job() {
         "two attempts, every node's workers told the job's restart count\n{context}"
     );
     assert!(records.dones.is_empty(), "{context}");
-    assert_eq!(job.status()["failed_rounds"], 2, "rdzv status shows the job's count");
+    assert_eq!(
+        job.status()["failed_rounds"],
+        2,
+        "rdzv status shows the job's count"
+    );
 }
 
 #[test]

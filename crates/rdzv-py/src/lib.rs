@@ -224,12 +224,7 @@ struct Handler {
 async fn round_with_master(
     handler: Arc<EtcdRendezvousHandler>,
 ) -> Result<(rdzv::RendezvousInfo, rdzv::bootstrap::MasterInfo), rdzv::RendezvousError> {
-    let advertised = handler
-        .node_record()
-        .addrs
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "127.0.0.1".into());
+    let advertised = handler.advertised_addr();
     let mut events = handler
         .subscribe()
         .ok_or_else(|| rdzv::RendezvousError::Other("the etcd handler pushes no events".into()))?;

@@ -74,12 +74,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
     let mut events = handler
         .subscribe()
         .context("the etcd handler pushes events")?;
-    let addr = handler
-        .node_record()
-        .addrs
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "127.0.0.1".into());
+    let addr = handler.advertised_addr();
     // A peer lost before rank 0 published MASTER_ADDR makes the round useless: join again.
     let (info, master) = loop {
         let info = handler.next_rendezvous().await?;

@@ -446,13 +446,7 @@ async fn run_static(
                 group.stop(args.grace_period).await;
                 if restart_count < args.max_restarts {
                     restart_count += 1;
-                    tracing::warn!(
-                        rank = failure.rank,
-                        exit = %failure.describe_exit(),
-                        restart_count,
-                        max_restarts = args.max_restarts,
-                        "worker failed; restarting the group"
-                    );
+                    log_restart(&failure, restart_count, args.max_restarts);
                     if nnodes == 1 && args.master_port.is_none() {
                         master.port = rdzv::bootstrap::free_port(&master.addr)?;
                     }
@@ -640,12 +634,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("the etcd handler pushes events")?;
     let log_root = log_root(args.log_dir.as_deref(), &run_id)?;
     tracing::info!(log_dir = %log_root.display(), "worker logs and error files go here (kept)");
-    let advertised = handler
-        .node_record()
-        .addrs
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "127.0.0.1".into());
+    let advertised = handler.advertised_addr();
     if args.nnodes.max > 1 && args.local_addr.is_none() && is_loopback(&advertised) {
         tracing::warn!(
             address = %advertised,
@@ -810,13 +799,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
                 };
                 if failed <= u64::from(args.max_restarts) {
                     restart_count = u32::try_from(failed).unwrap_or(u32::MAX);
-                    tracing::warn!(
-                        rank = failure.rank,
-                        exit = %failure.describe_exit(),
-                        restart_count,
-                        max_restarts = args.max_restarts,
-                        "worker failed; restarting the group"
-                    );
+                    log_restart(&failure, restart_count, args.max_restarts);
                     continue;
                 }
                 report_failure(
@@ -999,6 +982,17 @@ fn console_spec(args: &RunArgs) -> ConsoleSpec {
         role: args.role.clone(),
         hostname: rdzv::etcd::node::hostname(),
     }
+}
+
+/// The log line of a restart after a failure.
+fn log_restart(failure: &Failure, restart_count: u32, max_restarts: u32) {
+    tracing::warn!(
+        rank = failure.rank,
+        exit = %failure.describe_exit(),
+        restart_count,
+        max_restarts,
+        "worker failed; restarting the group"
+    );
 }
 
 /// What the summary calls the job: the training script, module or program.

@@ -40,7 +40,10 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     println!("run:        {}", status.run_id);
     println!("closed:     {}", if status.closed { "yes" } else { "no" });
-    println!("restarts:   {} (failed rounds of the job)", status.failed_rounds);
+    println!(
+        "restarts:   {} (failed rounds of the job)",
+        status.failed_rounds
+    );
     println!(
         "open round: {} ({} node(s) joined)",
         status.open_round,

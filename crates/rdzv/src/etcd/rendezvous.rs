@@ -186,6 +186,16 @@ impl EtcdRendezvousHandler {
         &self.node
     }
 
+    /// The address this node advertises to its peers (MASTER_ADDR if it gets rank 0): its
+    /// first address, else loopback.
+    pub fn advertised_addr(&self) -> String {
+        self.node
+            .addrs
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "127.0.0.1".into())
+    }
+
     /// The client, with its request counters.
     pub fn client(&self) -> &EtcdClient {
         &self.client
