@@ -76,6 +76,8 @@ pub enum Fault {
     DropBefore,
     /// etcd applies the transaction, its answer is lost.
     LoseResponse,
+    /// etcd refuses the transaction with its backpressure (`too many requests`): not applied.
+    Overloaded,
 }
 
 /// Matches the transactions a scripted fault applies to.
@@ -493,6 +495,12 @@ impl EtcdApi for SimApi {
             Some(Fault::DropBefore) => {
                 self.latency().await;
                 Err(ApiError::NotReached("connection reset (scripted)".into()))
+            }
+            Some(Fault::Overloaded) => {
+                self.latency().await;
+                Err(ApiError::Overloaded(
+                    "etcdserver: too many requests (scripted)".into(),
+                ))
             }
             Some(Fault::LoseResponse) => {
                 self.request(false, move |m, _| m.txn(&txn)).await?;

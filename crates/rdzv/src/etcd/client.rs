@@ -20,6 +20,7 @@ pub struct RequestStats {
     watch_creates: AtomicU64,
     watch_events: AtomicU64,
     keep_alives: AtomicU64,
+    overloaded: AtomicU64,
 }
 
 /// A snapshot of [`RequestStats`].
@@ -33,6 +34,9 @@ pub struct StatsSnapshot {
     pub watch_events: u64,
     /// Lease keep-alive messages sent (not included in `requests`).
     pub keep_alives: u64,
+    /// Requests etcd refused as overloaded (`too many requests`, its backpressure); they are
+    /// retried.
+    pub overloaded: u64,
 }
 
 impl StatsSnapshot {
@@ -43,6 +47,7 @@ impl StatsSnapshot {
             watch_creates: self.watch_creates.saturating_sub(earlier.watch_creates),
             watch_events: self.watch_events.saturating_sub(earlier.watch_events),
             keep_alives: self.keep_alives.saturating_sub(earlier.keep_alives),
+            overloaded: self.overloaded.saturating_sub(earlier.overloaded),
         }
     }
 }
@@ -55,6 +60,7 @@ impl RequestStats {
             watch_creates: self.watch_creates.load(Ordering::Relaxed),
             watch_events: self.watch_events.load(Ordering::Relaxed),
             keep_alives: self.keep_alives.load(Ordering::Relaxed),
+            overloaded: self.overloaded.load(Ordering::Relaxed),
         }
     }
 
@@ -150,6 +156,14 @@ impl EtcdClient {
         &self.stats
     }
 
+    /// Maps an error of `what`, counting etcd's backpressure.
+    fn fail(&self, what: &str, err: ApiError) -> RendezvousError {
+        if matches!(err, ApiError::Overloaded(_)) {
+            self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+        }
+        map_api_err(what, err)
+    }
+
     /// Range request.
     ///
     /// # Errors
@@ -166,7 +180,7 @@ impl EtcdClient {
         self.api
             .range(key.into(), options.unwrap_or_default())
             .await
-            .map_err(|e| map_api_err("get", e))
+            .map_err(|e| self.fail("get", e))
     }
 
     /// Put request (a transaction without compares).
@@ -225,7 +239,7 @@ impl EtcdClient {
 
     async fn txn_as(&self, what: &str, txn: Txn) -> Result<TxnResponse, RendezvousError> {
         self.stats.count_request();
-        self.api.txn(txn).await.map_err(|e| map_api_err(what, e))
+        self.api.txn(txn).await.map_err(|e| self.fail(what, e))
     }
 
     /// Opens a watch; returns it with the revision it was created at.
@@ -245,7 +259,7 @@ impl EtcdClient {
         self.api
             .watch(key.into(), options.unwrap_or_default())
             .await
-            .map_err(|e| map_api_err("watch", e))
+            .map_err(|e| self.fail("watch", e))
     }
 
     /// Grants a lease of `ttl_secs` seconds; returns its id.
@@ -261,7 +275,7 @@ impl EtcdClient {
             .api
             .lease_grant(ttl_secs)
             .await
-            .map_err(|e| map_api_err("lease grant", e))?;
+            .map_err(|e| self.fail("lease grant", e))?;
         Ok(grant.id)
     }
 
@@ -276,7 +290,7 @@ impl EtcdClient {
         self.stats.count_request();
         match self.api.lease_revoke(id).await {
             Ok(()) | Err(ApiError::LeaseNotFound) => Ok(()),
-            Err(e) => Err(map_api_err("lease revoke", e)),
+            Err(e) => Err(self.fail("lease revoke", e)),
         }
     }
 
@@ -292,7 +306,7 @@ impl EtcdClient {
         match self.api.lease_keep_alive(id).await {
             Ok(ttl) => Ok(ttl > 0),
             Err(ApiError::LeaseNotFound) => Ok(false),
-            Err(e) => Err(map_api_err("lease keep-alive", e)),
+            Err(e) => Err(self.fail("lease keep-alive", e)),
         }
     }
 
@@ -308,7 +322,7 @@ impl EtcdClient {
         self.api
             .lease_time_to_live(id)
             .await
-            .map_err(|e| map_api_err("lease time-to-live", e))
+            .map_err(|e| self.fail("lease time-to-live", e))
     }
 
     /// Compacts etcd's history up to `revision`.
@@ -323,7 +337,7 @@ impl EtcdClient {
         self.api
             .compact(revision)
             .await
-            .map_err(|e| map_api_err("compact", e))
+            .map_err(|e| self.fail("compact", e))
     }
 }
 

@@ -9,6 +9,7 @@
 //!   round (the crash, the leave, the newcomer's call) to the moment every participant has its
 //!   rank; `last_join_to_ranked_s`: from the last participant's call to then;
 //! - `p50_s`, `p99_s`: per-participant latency from its own call to its result;
+//! - `overloaded`: requests etcd refused with its backpressure (`too many requests`), retried;
 //! - `requests`, `requests_per_node`, `watch_creates`, `watch_events`, `keep_alives`: what the
 //!   participants' clients really sent and received during the round (counted by
 //!   [`RequestStats`]; `requests` includes watch creations, not keep-alives);
@@ -408,6 +409,14 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
                         writeln!(out, "{}", table_row(&report))?;
                         if let Some(p) = &report.phases {
                             writeln!(out, "{}", phases_row(p))?;
+                        }
+                        if report.overloaded > 0 {
+                            writeln!(
+                                out,
+                                "  etcd refused {} request(s) as overloaded (too many requests); \
+                                 all were retried",
+                                report.overloaded
+                            )?;
                         }
                     }
                 }

@@ -34,6 +34,8 @@ pub(super) struct Report {
     pub(super) watch_creates: u64,
     pub(super) watch_events: u64,
     pub(super) keep_alives: u64,
+    /// Requests etcd refused as overloaded (its backpressure), all retried.
+    pub(super) overloaded: u64,
     pub(super) cpu_s: f64,
     pub(super) etcd_cpu_s: Option<f64>,
     pub(super) peak_rss_bytes: u64,
@@ -153,6 +155,7 @@ pub(super) fn median_report(reports: Vec<Report>) -> Report {
     out.watch_creates = u(|r| r.watch_creates);
     out.watch_events = u(|r| r.watch_events);
     out.keep_alives = u(|r| r.keep_alives);
+    out.overloaded = u(|r| r.overloaded);
     out.cpu_s = f(|r| r.cpu_s);
     out.etcd_cpu_s = o(|r| r.etcd_cpu_s);
     out.peak_rss_bytes = u(|r| r.peak_rss_bytes);
@@ -266,6 +269,7 @@ pub(super) fn sum_stats(clients: &[EtcdClient]) -> StatsSnapshot {
             watch_creates: a.watch_creates + s.watch_creates,
             watch_events: a.watch_events + s.watch_events,
             keep_alives: a.keep_alives + s.keep_alives,
+            overloaded: a.overloaded + s.overloaded,
         })
 }
 

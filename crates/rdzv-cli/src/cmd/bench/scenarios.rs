@@ -371,6 +371,7 @@ impl Measured<'_> {
             watch_creates: used.watch_creates,
             watch_events: used.watch_events,
             keep_alives: used.keep_alives,
+            overloaded: used.overloaded,
             cpu_s,
             etcd_cpu_s,
             peak_rss_bytes: peak_rss,
