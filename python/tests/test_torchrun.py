@@ -127,9 +127,33 @@ WORKER_LINE = re.compile(
 )
 
 
+def children(pid):
+    """The processes whose parent is pid. torchrun starts each worker in a session of its own,
+    so the agent's process group does not hold them."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def sigkill(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class Cluster:
-    """torchrun agents started in their own process groups (SIGKILL of the group is a lost
-    node: the agent and its workers), whose output lines are collected as they come."""
+    """torchrun agents, whose output lines are collected as they come. A lost node is its
+    agent and the agent's workers SIGKILLed."""
 
     def __init__(self, etcd, run_id, tmp_path, final_world, conf="last_call_timeout=1,timeout=120,keep_alive_ttl=2"):
         self.etcd, self.run_id, self.conf = etcd, run_id, conf
@@ -155,7 +179,7 @@ class Cluster:
         ]
         full_env = dict(os.environ, OMP_NUM_THREADS="1", AGENT_TAG=tag, **(env or {}))
         agent = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                 stderr=subprocess.STDOUT, text=True)
         self.agents[tag] = agent
         threading.Thread(target=self._read, args=(tag, agent), daemon=True).start()
         return agent
@@ -190,8 +214,10 @@ class Cluster:
 
     def kill(self, tag):
         """SIGKILLs the agent `tag` and its workers (a lost node)."""
-        os.killpg(self.agents[tag].pid, signal.SIGKILL)
-        self.agents[tag].wait(timeout=30)
+        agent = self.agents[tag]
+        workers = children(agent.pid)
+        sigkill([agent.pid, *workers])
+        agent.wait(timeout=30)
 
     def finish(self, tags, timeout=AGENT_DEADLINE):
         """Waits for the agents `tags` to exit; returns their exit codes."""
@@ -211,12 +237,10 @@ class Cluster:
         pytest.fail(f"{message}; output:\n{self.output()[-6000:]}")
 
     def stop(self):
+        """SIGKILLs the agents that still run, and their workers."""
         for agent in self.agents.values():
             if agent.poll() is None:
-                try:
-                    os.killpg(agent.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                sigkill([agent.pid, *children(agent.pid)])
                 agent.wait(timeout=30)
 
 
