@@ -10,12 +10,15 @@
 //! - [`Store`]: the round's key-value store.
 //! - [`EtcdServerCore`]: a throw-away local etcd ([`rdzv::etcd::EtcdServer`]).
 //! - The exception classes (`RendezvousError` and its subclasses, named as PyTorch's).
+//! - The library's `tracing` events forwarded to Python's `logging` ([`logging`]).
 //!
 //! There is one Tokio runtime per process, started on first use. Every call that waits
 //! releases the GIL and runs on the runtime; lease keep-alives and membership watches are
 //! tasks of the runtime and never need the interpreter. While a call waits, the calling
 //! thread wakes every 100 ms to let Python handle signals (so Ctrl-C and torchrun's SIGTERM
 //! handler interrupt a long `next_rendezvous()`).
+
+mod logging;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -617,5 +620,7 @@ fn _rdzv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<EtcdServerCore>()?;
     m.add_function(wrap_pyfunction!(create_handler, m)?)?;
     m.add_function(wrap_pyfunction!(find_etcd_binary, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::install_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::stop_logging, m)?)?;
     Ok(())
 }
