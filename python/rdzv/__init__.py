@@ -7,8 +7,15 @@ library, without needing torch::
 
 and a torchrun backend: ``torchrun --rdzv-backend etcd-v3 ...`` (see ``rdzv.torch_plugin``,
 which is the only module that imports torch).
+
+The Rust library's log events go to Python's ``logging``, logger ``rdzv`` (warnings show on
+stderr without any configuration, as Python's do); ``RDZV_LOG`` (e.g. ``debug``) decides which
+events the library passes on at all (``info`` and above by default).
 """
 
+import atexit as _atexit
+
+from rdzv import _rdzv
 from rdzv._rdzv import (
     RendezvousClosedError,
     RendezvousConnectionError,
@@ -27,6 +34,9 @@ from rdzv.api import (
     create_rdzv_handler,
 )
 from rdzv.etcd_server import EtcdServer
+
+if _rdzv.install_logging():
+    _atexit.register(_rdzv.stop_logging)
 
 __all__ = [
     "BACKENDS",

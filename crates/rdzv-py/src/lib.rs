@@ -10,12 +10,15 @@
 //! - [`Store`]: the round's key-value store.
 //! - [`EtcdServerCore`]: a throw-away local etcd ([`rdzv::etcd::EtcdServer`]).
 //! - The exception classes (`RendezvousError` and its subclasses, named as PyTorch's).
+//! - The library's `tracing` events forwarded to Python's `logging` ([`logging`]).
 //!
 //! There is one Tokio runtime per process, started on first use. Every call that waits
 //! releases the GIL and runs on the runtime; lease keep-alives and membership watches are
 //! tasks of the runtime and never need the interpreter. While a call waits, the calling
 //! thread wakes every 100 ms to let Python handle signals (so Ctrl-C and torchrun's SIGTERM
 //! handler interrupt a long `next_rendezvous()`).
+
+mod logging;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -461,6 +464,13 @@ impl Store {
     }
 }
 
+/// Where the `etcd` binary is, as rdzv's Rust helper finds it: `RDZV_ETCD_BINARY`, else
+/// `etcd` on `PATH`; `RuntimeError` saying why if neither.
+#[pyfunction]
+fn find_etcd_binary() -> PyResult<PathBuf> {
+    rdzv::etcd::server::find_etcd_binary().map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
 /// A local throw-away etcd on free loopback ports (see [`rdzv::etcd::EtcdServer`]); stopped
 /// by `stop()` or when the object is collected.
 #[pyclass(module = "rdzv._rdzv", frozen)]
@@ -474,12 +484,21 @@ struct EtcdServerCore {
 #[pymethods]
 impl EtcdServerCore {
     /// Starts etcd and waits until it answers, at most `timeout` seconds. `data_dir`, if
-    /// given, replaces the temporary data directory. `RuntimeError` if it does not start.
+    /// given, replaces the temporary data directory; `binary` is the etcd binary (else
+    /// `find_etcd_binary()`); `extra_args` are appended to etcd's command line. `RuntimeError`
+    /// if it does not start.
     #[staticmethod]
-    #[pyo3(signature = (timeout=60.0, data_dir=None))]
-    fn start(py: Python<'_>, timeout: f64, data_dir: Option<PathBuf>) -> PyResult<Self> {
+    #[pyo3(signature = (timeout=60.0, data_dir=None, binary=None, extra_args=None))]
+    fn start(
+        py: Python<'_>,
+        timeout: f64,
+        data_dir: Option<PathBuf>,
+        binary: Option<PathBuf>,
+        extra_args: Option<Vec<String>>,
+    ) -> PyResult<Self> {
         let mut options = EtcdServerOptions {
             ready_timeout: seconds(timeout, "timeout")?,
+            binary,
             ..Default::default()
         };
         if let Some(dir) = data_dir {
@@ -487,6 +506,9 @@ impl EtcdServerCore {
             arg.push(dir.as_os_str());
             options.extra_args.push(arg);
         }
+        options
+            .extra_args
+            .extend(extra_args.unwrap_or_default().into_iter().map(Into::into));
         let server = run(py, EtcdServer::start_with(options))?
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start etcd: {e}")))?;
         Ok(Self {
@@ -518,6 +540,29 @@ impl EtcdServerCore {
             .as_ref()
             .map(|s| s.log_tail())
             .unwrap_or_default()
+    }
+
+    /// etcd's process id, or `None` once stopped.
+    fn pid(&self) -> Option<u32> {
+        self.lock().as_ref().map(|s| s.pid())
+    }
+
+    /// etcd's data directory, or `None` once stopped.
+    fn data_dir(&self) -> Option<PathBuf> {
+        self.lock().as_ref().map(|s| s.data_dir().to_path_buf())
+    }
+
+    /// etcd's exit code (or `-signal`) if it exited on its own; `None` while it runs or after
+    /// `stop()`.
+    fn exit_status(&self) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.lock().as_mut()?.try_wait()?;
+        Some(
+            status
+                .code()
+                .or_else(|| status.signal().map(|s| -s))
+                .unwrap_or(-1),
+        )
     }
 
     /// Kills etcd and removes its temporary directory; idempotent.
@@ -569,5 +614,8 @@ fn _rdzv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Store>()?;
     m.add_class::<EtcdServerCore>()?;
     m.add_function(wrap_pyfunction!(create_handler, m)?)?;
+    m.add_function(wrap_pyfunction!(find_etcd_binary, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::install_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::stop_logging, m)?)?;
     Ok(())
 }
