@@ -49,7 +49,8 @@ WORKER = textwrap.dedent(
     world = dist.get_world_size()
     t = torch.ones(1)
     dist.all_reduce(t)
-    print(f"BENCH-RUNNING world={world} rank={dist.get_rank()}", flush=True)
+    # One write (workers run with `python -u`, where print() writes the newline separately).
+    sys.stdout.write(f"BENCH-RUNNING world={world} rank={dist.get_rank()}\\n")
     while True:  # training steps, until the agent stops this worker
         time.sleep(0.05)
         dist.all_reduce(t)
@@ -132,9 +133,9 @@ class Agents:
         for t, index, line in self.lines:
             if t < since or index not in agents:
                 continue
-            m = pattern.search(line)
-            if m and (world is None or int(m.group(1)) == world):
-                found.append((t, index, line))
+            for m in pattern.finditer(line):
+                if world is None or int(m.group(1)) == world:
+                    found.append((t, index, line))
         return found
 
     def wait(self, predicate, timeout):

@@ -104,14 +104,16 @@ ELASTIC_WORKER = textwrap.dedent(
     restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     tag = os.environ.get("AGENT_TAG", "?")
     if os.environ.get("FAIL_FIRST_ATTEMPT") == "1" and restart == 0 and os.environ["LOCAL_RANK"] == "0":
-        print(f"WORKER-FAILS agent={tag}", flush=True)
+        sys.stdout.write(f"WORKER-FAILS agent={tag}\\n")
         sys.exit(3)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     t = torch.tensor([float(rank + 1)])
     dist.all_reduce(t)
-    print(f"WORKER world={world} rank={rank} restart={restart} agent={tag} "
-          f"sum={t.item()}", flush=True)
+    # One write per line: workers run unbuffered (`python -u`), where print() writes the text
+    # and the newline separately, so two workers' lines could be interleaved.
+    sys.stdout.write(f"WORKER world={world} rank={rank} restart={restart} agent={tag} "
+                     f"sum={t.item()}\\n")
     if world == final_world:
         dist.destroy_process_group()
         sys.exit(0)
@@ -197,11 +199,12 @@ class Cluster:
         """The parsed worker lines so far (of worlds of size `world`, if given)."""
         found = []
         for _, line in self.lines:
-            m = WORKER_LINE.search(line or "")
-            if m and (world is None or int(m.group(1)) == world):
-                found.append(dict(world=int(m.group(1)), rank=int(m.group(2)),
-                                  restart=int(m.group(3)), agent=m.group(4),
-                                  sum=float(m.group(5))))
+            # finditer: a line may still hold another process's output before or after.
+            for m in WORKER_LINE.finditer(line or ""):
+                if world is None or int(m.group(1)) == world:
+                    found.append(dict(world=int(m.group(1)), rank=int(m.group(2)),
+                                      restart=int(m.group(3)), agent=m.group(4),
+                                      sum=float(m.group(5))))
         return found
 
     def wait_for_world(self, world, timeout=AGENT_DEADLINE):
@@ -220,13 +223,18 @@ class Cluster:
         agent.wait(timeout=30)
 
     def finish(self, tags, timeout=AGENT_DEADLINE):
-        """Waits for the agents `tags` to exit; returns their exit codes."""
+        """Waits for the agents `tags` to exit and for the end of their output (the reader
+        threads may still be behind when an agent exits); returns their exit codes."""
         deadline = time.monotonic() + timeout
         for tag in tags:
             try:
                 self.agents[tag].wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.fail(f"agent {tag} did not exit within {timeout}s")
+        with self.cond:
+            ended = lambda: {t for t, line in self.lines if line is None} >= set(tags)  # noqa: E731
+            if not self.cond.wait_for(ended, max(0.0, deadline - time.monotonic())):
+                self.fail(f"the output of agents {tags} did not end within {timeout}s")
         return {tag: self.agents[tag].returncode for tag in tags}
 
     def output(self):
@@ -271,8 +279,8 @@ def test_a_failed_worker_restarts_the_job(cluster_factory):
     cluster.start("b", "2", extra=["--max-restarts", "1"])
     codes = cluster.finish(["a", "b"])
     assert codes == {"a": 0, "b": 0}, cluster.output()[-6000:]
-    fails = [line for _, line in cluster.lines if line and "WORKER-FAILS" in line]
-    assert len(fails) == 1 and "agent=a" in fails[0], cluster.output()[-6000:]
+    fails = re.findall(r"WORKER-FAILS agent=(\S+)", cluster.output())
+    assert fails == ["a"], cluster.output()[-6000:]
     final = cluster.workers(4)
     assert_all_reduced(final, 4)
     assert {w["restart"] for w in final if w["agent"] == "a"} == {1}, final
