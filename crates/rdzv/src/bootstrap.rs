@@ -24,19 +24,49 @@ pub struct MasterInfo {
 /// A free TCP port on `addr` (or on all addresses if `addr` cannot be bound). The port is not
 /// reserved: the workers bind it soon after, as with torchrun.
 ///
+/// It is drawn below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), so that
+/// between now and the workers' bind no outgoing connection of this host takes it and no
+/// other `bind(0)` is handed it (a port from `bind(0)` is an ephemeral one: a busy host gave it
+/// to a connection before rank 0's TCPStore listened, `EADDRINUSE`). If no port there is free,
+/// the kernel picks one.
+///
 /// # Errors
 /// [`RendezvousError::Other`] if no port can be bound at all.
 pub fn free_port(addr: &str) -> Result<u16, RendezvousError> {
-    let ip: Option<IpAddr> = addr.trim_matches(|c| c == '[' || c == ']').parse().ok();
-    let listener = match ip {
-        Some(ip) => TcpListener::bind((ip, 0)).or_else(|_| TcpListener::bind(("0.0.0.0", 0))),
-        None => TcpListener::bind(("0.0.0.0", 0)),
+    let ip: IpAddr = addr
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse()
+        .ok()
+        .filter(|ip| TcpListener::bind((*ip, 0)).is_ok())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let (low, _) = ephemeral_range();
+    let below = PORT_FLOOR..low.max(PORT_FLOOR + 1);
+    for _ in 0..64 {
+        let port = fastrand::u16(below.clone());
+        if TcpListener::bind((ip, port)).is_ok() {
+            return Ok(port);
+        }
     }
-    .map_err(|e| RendezvousError::Other(format!("cannot pick a free port: {e}")))?;
+    let listener = TcpListener::bind((ip, 0))
+        .map_err(|e| RendezvousError::Other(format!("cannot pick a free port: {e}")))?;
     listener
         .local_addr()
         .map(|a| a.port())
         .map_err(|e| RendezvousError::Other(format!("cannot pick a free port: {e}")))
+}
+
+/// The lowest port [`free_port`] draws (above the well-known and most registered services).
+const PORT_FLOOR: u16 = 10_000;
+
+/// The kernel's ephemeral port range (Linux's default if it cannot be read).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((parts.next()??, parts.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 /// Rank 0 publishes `advertised_addr` and a free port; every rank returns what rank 0
@@ -72,4 +102,26 @@ pub async fn exchange_master(
         ))
     })?;
     Ok(MasterInfo { addr, port })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (flaky torchrun scale-up test, `EADDRINUSE` on MASTER_PORT): a port from
+    /// `bind(0)` is an ephemeral one, which a busy host may hand to an outgoing connection
+    /// before rank 0's workers bind it. Ports are drawn below the ephemeral range.
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_and_bindable() {
+        let (low, high) = ephemeral_range();
+        assert!(low <= high, "{low}..{high}");
+        for _ in 0..20 {
+            let port = free_port("127.0.0.1").expect("a free port");
+            assert!(
+                (PORT_FLOOR..low).contains(&port),
+                "{port} is not in {PORT_FLOOR}..{low}"
+            );
+            TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+        }
+    }
 }
