@@ -113,8 +113,10 @@ def test_same_exit_code_and_log_layout_on_a_failure(tmp_path):
         assert len(runs) == 1, f"{launcher}: {runs}"
         # One node, no endpoint, no master port: torchrun 2.15 makes it a standalone job
         # with a random run id, whatever --rdzv-id says; rdzv does the same.
-        run_id, _, suffix = runs[0].name.rpartition("_")
-        assert len(run_id) == 36 and run_id.count("-") == 4 and suffix, f"{launcher}: {runs[0].name}"
+        # (The random suffix may itself contain `_`.)
+        name = runs[0].name
+        run_id, sep, suffix = name[:36], name[36:37], name[37:]
+        assert run_id.count("-") == 4 and sep == "_" and suffix, f"{launcher}: {name}"
         files = sorted(str(p.relative_to(runs[0])) for p in runs[0].rglob("*") if p.is_file())
         results[launcher] = (proc.returncode, files, proc.stderr)
     t_code, t_files, t_err = results["torchrun"]
