@@ -191,6 +191,27 @@ fn worker_logs_are_kept_where_the_agent_says() {
 
 // ---- the static backend ------------------------------------------------------------------
 
+/// Waits for every agent to exit 0 and checks that their workers formed one world of `world`
+/// (ranks `0..world`, each done once); returns the records.
+fn all_succeed_in_one_world(
+    agents: &mut [common::Proc],
+    records: &[std::path::PathBuf],
+    world: usize,
+) -> common::Records {
+    for (i, a) in agents.iter_mut().enumerate() {
+        let code = a.exit_code(WAIT);
+        assert_eq!(code, 0, "node{i}\n{}", a.describe());
+    }
+    let seen = common::Records::read(records);
+    assert_eq!(seen.dones.len(), world, "{}", seen.raw);
+    common::assert_permutation(
+        seen.dones.iter().map(|d| d.rank).collect(),
+        world,
+        &seen.raw,
+    );
+    seen
+}
+
 fn worker_cmd(dir: &Path, args: &[&str], record: &Path) -> Command {
     let mut cmd = rdzv();
     cmd.arg("run")
@@ -271,13 +292,7 @@ fn static_backend_on_two_nodes_forms_one_world() {
             common::Proc::spawn(cmd, dir.path(), &format!("node{node}"))
         })
         .collect();
-    for (i, a) in agents.iter_mut().enumerate() {
-        let code = a.exit_code(WAIT);
-        assert_eq!(code, 0, "node{i}\n{}", a.describe());
-    }
-    let seen = common::Records::read(&records);
-    assert_eq!(seen.dones.len(), 4, "{}", seen.raw);
-    common::assert_permutation(seen.dones.iter().map(|d| d.rank).collect(), 4, &seen.raw);
+    let seen = all_succeed_in_one_world(&mut agents, &records, 4);
     for s in &seen.starts {
         assert_eq!(s.master, format!("127.0.0.1:{port}"), "{}", seen.raw);
         assert_eq!(
@@ -472,13 +487,7 @@ fn c10d_agents_on_the_endpoints_host_serve_and_join_one_world() {
             common::Proc::spawn(cmd, dir.path(), &format!("node{node}"))
         })
         .collect();
-    for (i, a) in agents.iter_mut().enumerate() {
-        let code = a.exit_code(WAIT);
-        assert_eq!(code, 0, "node{i}\n{}", a.describe());
-    }
-    let seen = common::Records::read(&records);
-    assert_eq!(seen.dones.len(), 4, "{}", seen.raw);
-    common::assert_permutation(seen.dones.iter().map(|d| d.rank).collect(), 4, &seen.raw);
+    all_succeed_in_one_world(&mut agents, &records, 4);
     let served: usize = agents
         .iter()
         .filter(|a| a.stderr().contains("this node serves the job's rendezvous"))

@@ -404,20 +404,24 @@ async fn run_static(
     let mut restart_count: u32 = 0;
     loop {
         let round = u64::from(restart_count) + 1;
-        let spec = GroupSpec {
-            command: command.clone(),
-            env: worker_env(&args, nproc, &run_id, restart_count, round, &master),
-            env_remove: vec![rdzv::secrets::PASSWORD_ENV.to_string()],
+        let spec = group_spec(
+            &args,
+            &command,
             nproc,
-            group_rank: node_rank,
-            group_world_size: nnodes,
-            first_rank: node_rank * nproc,
-            world_size: nnodes * nproc,
-            attempt_dir: log_root.join(format!("attempt_{restart_count}")),
-            redirects: args.redirects.clone(),
-            tee: args.tee.clone(),
-            console: console_spec(&args),
-        };
+            &run_id,
+            restart_count,
+            &log_root,
+            Placement {
+                round,
+                group_rank: node_rank,
+                group_world_size: nnodes,
+                global: rdzv::GlobalRanks {
+                    first: node_rank * nproc,
+                    world_size: nnodes * nproc,
+                },
+            },
+            &master,
+        );
         tracing::info!(
             backend = "static",
             group_rank = node_rank,
@@ -725,20 +729,21 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         };
-        let spec = GroupSpec {
-            command: command.clone(),
-            env: worker_env(&args, nproc, &run_id, restart_count, info.round, &master),
-            env_remove: vec![rdzv::secrets::PASSWORD_ENV.to_string()],
+        let spec = group_spec(
+            &args,
+            &command,
             nproc,
-            group_rank: info.rank,
-            group_world_size: info.world_size,
-            first_rank: global.first,
-            world_size: global.world_size,
-            attempt_dir: log_root.join(format!("attempt_{restart_count}")),
-            redirects: args.redirects.clone(),
-            tee: args.tee.clone(),
-            console: console_spec(&args),
-        };
+            &run_id,
+            restart_count,
+            &log_root,
+            Placement {
+                round: info.round,
+                group_rank: info.rank,
+                group_world_size: info.world_size,
+                global,
+            },
+            &master,
+        );
         let first = global.first;
         tracing::info!(
             round = info.round,
@@ -972,6 +977,42 @@ fn is_loopback(addr: &str) -> bool {
         || bare
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Where this node's workers sit in a round.
+struct Placement {
+    round: u64,
+    group_rank: usize,
+    group_world_size: usize,
+    global: rdzv::GlobalRanks,
+}
+
+/// One attempt of the local group, for either backend.
+#[allow(clippy::too_many_arguments)]
+fn group_spec(
+    args: &RunArgs,
+    command: &[OsString],
+    nproc: usize,
+    run_id: &str,
+    restart_count: u32,
+    log_root: &std::path::Path,
+    at: Placement,
+    master: &rdzv::bootstrap::MasterInfo,
+) -> GroupSpec {
+    GroupSpec {
+        command: command.to_vec(),
+        env: worker_env(args, nproc, run_id, restart_count, at.round, master),
+        env_remove: vec![rdzv::secrets::PASSWORD_ENV.to_string()],
+        nproc,
+        group_rank: at.group_rank,
+        group_world_size: at.group_world_size,
+        first_rank: at.global.first,
+        world_size: at.global.world_size,
+        attempt_dir: log_root.join(format!("attempt_{restart_count}")),
+        redirects: args.redirects.clone(),
+        tee: args.tee.clone(),
+        console: console_spec(args),
+    }
 }
 
 /// The console settings of the workers' output.

@@ -378,7 +378,7 @@ impl ConnectionOptions {
         let urls = self.urls();
         let described = urls.join(",");
         let api = super::api::GrpcEtcd::lazy(urls.clone(), self.client_options()?)
-            .with_request_timeout(self.request_timeout.min(self.connect_timeout));
+            .with_request_timeout(self.request_timeout);
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
         let key = self.probe_key.as_bytes();
         let mut probes: FuturesUnordered<_> = (0..urls.len())

@@ -135,11 +135,28 @@ impl Compare {
     }
 }
 
+/// The keys an operation covers besides its key: none, `[key, end)`, or the key's prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct KeyRange {
+    end: Option<Vec<u8>>,
+    prefix: bool,
+}
+
+impl KeyRange {
+    /// The range end for `key`, if a range is given.
+    fn end(&self, key: &[u8]) -> Option<Vec<u8>> {
+        if self.prefix {
+            Some(prefix_end_bytes(key))
+        } else {
+            self.end.clone()
+        }
+    }
+}
+
 /// Options of a range read (a single key unless a range is given).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GetOptions {
-    pub(crate) range_end: Option<Vec<u8>>,
-    pub(crate) prefix: bool,
+    pub(crate) range: KeyRange,
     pub(crate) count_only: bool,
     pub(crate) keys_only: bool,
     pub(crate) limit: i64,
@@ -153,13 +170,13 @@ impl GetOptions {
 
     /// Every key that starts with the given key.
     pub fn with_prefix(mut self) -> Self {
-        self.prefix = true;
+        self.range.prefix = true;
         self
     }
 
     /// The keys in `[key, end)`.
     pub fn with_range(mut self, end: impl Into<Vec<u8>>) -> Self {
-        self.range_end = Some(end.into());
+        self.range.end = Some(end.into());
         self
     }
 
@@ -198,11 +215,7 @@ impl GetOptions {
 
     /// The end of the range for `key`: `None` for the single key.
     pub fn range_end(&self, key: &[u8]) -> Option<Vec<u8>> {
-        if self.prefix {
-            Some(prefix_end_bytes(key))
-        } else {
-            self.range_end.clone()
-        }
+        self.range.end(key)
     }
 }
 
@@ -245,8 +258,7 @@ impl PutOptions {
 /// Options of a delete (a single key unless a range is given).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeleteOptions {
-    pub(crate) range_end: Option<Vec<u8>>,
-    pub(crate) prefix: bool,
+    pub(crate) range: KeyRange,
     pub(crate) prev_kv: bool,
 }
 
@@ -258,13 +270,13 @@ impl DeleteOptions {
 
     /// Every key that starts with the given key.
     pub fn with_prefix(mut self) -> Self {
-        self.prefix = true;
+        self.range.prefix = true;
         self
     }
 
     /// The keys in `[key, end)`.
     pub fn with_range(mut self, end: impl Into<Vec<u8>>) -> Self {
-        self.range_end = Some(end.into());
+        self.range.end = Some(end.into());
         self
     }
 
@@ -281,11 +293,7 @@ impl DeleteOptions {
 
     /// The end of the range for `key`: `None` for the single key.
     pub fn range_end(&self, key: &[u8]) -> Option<Vec<u8>> {
-        if self.prefix {
-            Some(prefix_end_bytes(key))
-        } else {
-            self.range_end.clone()
-        }
+        self.range.end(key)
     }
 }
 
