@@ -199,8 +199,22 @@ impl Model {
         }
     }
 
+    /// As etcd: on a range, the compare holds for every key present, and an empty range
+    /// compares as one absent key.
     fn compare_holds(&self, c: &Compare) -> bool {
-        let kv = self.kvs.get(&c.key);
+        match c.range_end() {
+            None => self.compare_kv(c, self.kvs.get(&c.key)),
+            Some(end) => {
+                let present = self.span_kvs(&Span::new(&c.key, Some(end)));
+                if present.is_empty() {
+                    return self.compare_kv(c, None);
+                }
+                present.into_iter().all(|kv| self.compare_kv(c, Some(kv)))
+            }
+        }
+    }
+
+    fn compare_kv(&self, c: &Compare, kv: Option<&KeyValue>) -> bool {
         let ord = |a: i64, b: i64| a.cmp(&b);
         let result = match (&c.target, kv) {
             (CompareTarget::Value(_), None) => return false,

@@ -77,6 +77,9 @@ enum Cmp {
     ModRev(usize, CompareOp, i64),
     Value(usize, CompareOp, u8),
     Lease(usize, CompareOp, Option<usize>),
+    /// A compare over every key under `d/` (which may be empty).
+    RangeCreateRev(CompareOp, i64),
+    RangeValue(CompareOp, u8),
 }
 
 fn cmp_op() -> impl Strategy<Value = CompareOp> {
@@ -131,6 +134,8 @@ fn compare() -> impl Strategy<Value = Cmp> {
         (key(), cmp_op(), 0u8..4).prop_map(|(k, o, v)| Cmp::Value(k, o, v)),
         (key(), cmp_op(), proptest::option::of(0usize..3))
             .prop_map(|(k, o, v)| Cmp::Lease(k, o, v)),
+        (cmp_op(), 0i64..8).prop_map(|(o, v)| Cmp::RangeCreateRev(o, v)),
+        (cmp_op(), 0u8..4).prop_map(|(o, v)| Cmp::RangeValue(o, v)),
     ]
 }
 
@@ -276,6 +281,12 @@ impl Side {
             Cmp::ModRev(k, o, r) => Compare::mod_revision(self.key(*k), *o, self.rev(*r)),
             Cmp::Value(k, o, v) => Compare::value(self.key(*k), *o, vec![b'0' + v]),
             Cmp::Lease(k, o, l) => Compare::lease(self.key(*k), *o, self.lease(*l)),
+            Cmp::RangeCreateRev(o, r) => {
+                Compare::create_revision(self.range_key(0, true), *o, self.rev(*r)).with_prefix()
+            }
+            Cmp::RangeValue(o, v) => {
+                Compare::value(self.range_key(0, true), *o, vec![b'0' + v]).with_prefix()
+            }
         }
     }
 

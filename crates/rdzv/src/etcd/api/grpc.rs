@@ -323,12 +323,16 @@ fn to_compare(c: &Compare) -> ec::Compare {
         CompareOp::NotEqual => ec::CompareOp::NotEqual,
     };
     let key = c.key.clone();
-    match &c.target {
+    let compare = match &c.target {
         CompareTarget::Version(v) => ec::Compare::version(key, op, *v),
         CompareTarget::CreateRevision(r) => ec::Compare::create_revision(key, op, *r),
         CompareTarget::ModRevision(r) => ec::Compare::mod_revision(key, op, *r),
         CompareTarget::Value(v) => ec::Compare::value(key, op, v.clone()),
         CompareTarget::Lease(l) => ec::Compare::lease(key, op, *l),
+    };
+    match c.range_end() {
+        Some(end) => compare.with_range(end),
+        None => compare,
     }
 }
 

@@ -89,15 +89,18 @@ pub enum CompareTarget {
     Lease(i64),
 }
 
-/// One condition of a transaction, on one key.
+/// One condition of a transaction, on one key or (with [`Compare::with_prefix`] or
+/// [`Compare::with_range`]) on every key of a range, as etcd evaluates it: the condition
+/// holds for every key present, and an empty range compares as one absent key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compare {
-    /// The key.
+    /// The key (the start of the range).
     pub key: Vec<u8>,
     /// The operator.
     pub op: CompareOp,
     /// What is compared, with what.
     pub target: CompareTarget,
+    range: KeyRange,
 }
 
 impl Compare {
@@ -106,7 +109,25 @@ impl Compare {
             key: key.into(),
             op,
             target,
+            range: KeyRange::default(),
         }
+    }
+
+    /// Compares every key that starts with the key.
+    pub fn with_prefix(mut self) -> Self {
+        self.range.prefix = true;
+        self
+    }
+
+    /// Compares every key in `[key, end)`.
+    pub fn with_range(mut self, end: impl Into<Vec<u8>>) -> Self {
+        self.range.end = Some(end.into());
+        self
+    }
+
+    /// The end of the compared range: `None` for the single key.
+    pub fn range_end(&self) -> Option<Vec<u8>> {
+        self.range.end(&self.key)
     }
 
     /// Compares the key's version.
