@@ -582,6 +582,83 @@ fn exhausted_restarts_close_the_run() {
     job.assert_no_worker_left();
 }
 
+/// Issue 12: a run closed by its own nodes after a failure stayed closed for its retention
+/// (an hour), so a Kubernetes pod restart or a SLURM requeue with the same run id failed at
+/// once. It starts again once the failed job's agents have exited; `rdzv close` (an operator)
+/// keeps it closed.
+#[test]
+fn a_failed_job_starts_again_with_the_same_run_id_unless_an_operator_closed_it() {
+    let mut job = Job::new("run-requeue");
+    for _ in 0..2 {
+        job.start(
+            &AgentSpec::new("2", 1)
+                .flag("--max-restarts=0")
+                .env("WORKER_FAIL_RANK", "0"),
+        );
+    }
+    job.expect_all_exit(1);
+    assert_eq!(
+        job.status()["closed"],
+        true,
+        "the failed job closed the run"
+    );
+    // The requeued job: the same command line, and this time the workers succeed.
+    let requeued: Vec<usize> = (0..2).map(|_| job.start(&AgentSpec::new("2", 1))).collect();
+    for i in requeued.iter().copied() {
+        let code = job.exit_code(i);
+        assert_eq!(
+            code,
+            0,
+            "requeued agent{i} exited with {code}\n{}",
+            job.describe()
+        );
+        let done = job.agent_records(i).dones.len();
+        assert_eq!(
+            done,
+            1,
+            "requeued agent{i}'s worker finished once\n{}",
+            job.describe()
+        );
+    }
+    let status = job.status();
+    assert_eq!(
+        status["closed"], false,
+        "the requeued job's run is open: {status}"
+    );
+    assert_eq!(
+        status["failed_rounds"], 0,
+        "the requeued job has its own restart budget: {status}"
+    );
+    // An operator closes it: a later agent with the same id is refused.
+    let mut close = rdzv();
+    close.args([
+        "close",
+        "--rdzv-endpoint",
+        &job.endpoint(),
+        "--rdzv-id",
+        &job.id,
+    ]);
+    let (code, stdout, stderr) = run_to_end(close, job.dir(), "close", WAIT);
+    assert_eq!(code, 0, "rdzv close failed: {stdout}\n{stderr}");
+    let late = job.start(&AgentSpec::new("1", 1));
+    let code = job.exit_code(late);
+    assert_eq!(
+        code,
+        1,
+        "an agent of a run an operator closed\n{}",
+        job.describe()
+    );
+    assert!(
+        job.agents[late].stderr().contains("is closed"),
+        "the refused agent says the run is closed\n{}",
+        job.describe()
+    );
+    assert!(
+        job.agent_records(late).starts.is_empty(),
+        "no worker started"
+    );
+}
+
 fn terminate_agent(signal: libc::c_int) {
     let mut job = Job::new("run-term");
     job.start(&AgentSpec::new("1", 2).env("WORKER_SLEEP_SECS", "60"));

@@ -26,6 +26,9 @@ pub struct SimConfig {
     pub burst: FaultRates,
     /// Whether some node closes the run during the chaos.
     pub close: bool,
+    /// Whether, after the close, nodes keep arriving with the same run id (a Kubernetes pod
+    /// restart, a SLURM requeue): the run starts again once the closed job's nodes are gone.
+    pub requeue: bool,
 }
 
 impl SimConfig {
@@ -70,6 +73,7 @@ impl SimConfig {
                 latency_ms: (1, rng.range_u64(3, 40)),
             },
             close: rng.chance(0.1),
+            requeue: rng.chance(0.5),
         }
     }
 
@@ -87,10 +91,10 @@ impl SimConfig {
             self.world.max_txn_ops,
             self.chaos,
             self.fault_interval,
-            if self.close {
-                ", closed during the run"
-            } else {
-                ""
+            match (self.close, self.requeue) {
+                (true, true) => ", closed during the run, then requeued",
+                (true, false) => ", closed during the run",
+                _ => "",
             }
         )
     }
@@ -113,6 +117,7 @@ pub fn run_seed(seed: u64) -> SimReport {
                 seed,
                 config: SimConfig::draw(&SimRng::new(seed)).describe(),
                 rounds: 0,
+                reopens: 0,
                 views: 0,
                 faults: BTreeMap::new(),
                 checks: 0,
@@ -212,8 +217,9 @@ async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> Sim
                 }
             }
             _ => {
-                // Replacements for the nodes that are gone (a newcomer each).
-                let n = world.refill(closed || closed_by_us);
+                // Replacements for the nodes that are gone (a newcomer each); after a close
+                // only if the job is requeued.
+                let n = world.refill((closed || closed_by_us) && !cfg.requeue);
                 for _ in 0..n {
                     count("newcomer");
                 }
@@ -224,7 +230,12 @@ async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> Sim
     etcd.set_rates(FaultRates::none());
     tokio::time::sleep_until(chaos_end).await;
     let closed = lock(&checker).closed() || closed_by_us;
-    world.refill(closed);
+    if closed && cfg.requeue {
+        // The requeued job comes once the closed job's leases are surely gone (its nodes
+        // ended without leaving, as after a crash).
+        tokio::time::sleep(ttl * 2 + cfg.world.request_timeout).await;
+    }
+    world.refill(closed && !cfg.requeue);
     let stable = ttl * 2 + cfg.world.last_call + Duration::from_secs(5);
     // Long enough for: a lease to expire (TTL), a newcomer's gate, a last call with its
     // backups, a request timeout, and the stable window itself.
@@ -242,6 +253,7 @@ async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> Sim
         seed,
         config: cfg.describe(),
         rounds: c.finals().len() as u64,
+        reopens: c.reopens(),
         views: c.views(),
         faults,
         checks: c.checks(),

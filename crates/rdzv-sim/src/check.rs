@@ -6,7 +6,10 @@
 //! - a round is finalised once: a second `final` with another token is two views of one round;
 //! - when `final(r)` is written, the assignments of `r` with its token are exactly the ranks
 //!   `0..W`, one node each, `W` is the final's world size and `min_nodes <= W <= max_nodes`;
-//! - closed stays closed: `closed` is never deleted and no round is finalised after it;
+//! - closed stays closed: no round is finalised while the run is closed, nor, after it starts
+//!   again, any round that was open when it closed; `closed` is deleted (the run starts
+//!   again) only when no node acts and every live node's presence record was written after
+//!   the close (the nodes of the closed job have all exited), and `current` then moves on;
 //! - no join record is created in a round that was already finalised (a ghost round);
 //! - a node that holds a rank in round `r` and is still in it (its record there alive) does
 //!   not join a later round without having learnt its rank in `r` (abandoning its round);
@@ -55,6 +58,12 @@ pub struct Checker {
     max_nodes: usize,
     current: u64,
     closed: bool,
+    /// The mod revision of the `closed` marker while closed.
+    closed_rev: i64,
+    /// Rounds up to this one were open or done when the run was last closed: none of them
+    /// may be finalised any more.
+    sealed_through: u64,
+    reopens: u64,
     finals: BTreeMap<u64, RoundTable>,
     /// When each round was finalised (ms).
     final_times: BTreeMap<u64, u64>,
@@ -82,6 +91,9 @@ impl Checker {
             max_nodes,
             current: 0,
             closed: false,
+            closed_rev: 0,
+            sealed_through: 0,
+            reopens: 0,
             finals: BTreeMap::new(),
             final_times: BTreeMap::new(),
             nodes: BTreeMap::new(),
@@ -158,9 +170,13 @@ impl Checker {
                 self.on_current(&e.kv.value, put);
             } else if key == self.keys.closed() {
                 if put {
-                    self.closed = true;
+                    if !self.closed {
+                        self.closed = true;
+                        self.closed_rev = e.kv.mod_revision;
+                        self.sealed_through = self.sealed_through.max(self.current);
+                    }
                 } else {
-                    self.check(false, || "the run's closed marker was deleted".into());
+                    self.on_reopen(model);
                 }
             } else if let Some((round, section, name)) = self.keys.parse_round_key(&key) {
                 let name = name.to_string();
@@ -176,6 +192,36 @@ impl Checker {
                 }
             }
         }
+    }
+
+    /// The `closed` marker was deleted: the run starts again. Only when the closed job's
+    /// nodes have all exited (no node acts; every presence record is younger than the close).
+    fn on_reopen(&mut self, model: &Model) {
+        let was_closed = self.closed;
+        self.check(was_closed, || {
+            "the closed marker was deleted while the run was not closed".into()
+        });
+        let acting = self.acting();
+        self.check(acting.is_empty(), || {
+            format!("the closed run started again while nodes still act on it: {acting:?}")
+        });
+        let closed_rev = self.closed_rev;
+        let prefix = self.keys.agent_prefix();
+        let old: Vec<String> = model
+            .scan_prefix(prefix.as_bytes())
+            .filter(|kv| kv.create_revision <= closed_rev)
+            .map(|kv| String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned())
+            .collect();
+        self.check(old.is_empty(), || {
+            format!("the closed run started again while its nodes {old:?} still live")
+        });
+        self.closed = false;
+        self.reopens += 1;
+    }
+
+    /// How often the closed run started again.
+    pub fn reopens(&self) -> u64 {
+        self.reopens
     }
 
     fn on_current(&mut self, value: &[u8], put: bool) {
@@ -202,6 +248,13 @@ impl Checker {
         let closed = self.closed;
         self.check(!closed, || {
             format!("round {round} was finalised after the run was closed")
+        });
+        let sealed = self.sealed_through;
+        self.check(round > sealed, || {
+            format!(
+                "round {round} was finalised after the run was closed with rounds up to \
+                 {sealed} (and started again)"
+            )
         });
         if let Some(prev) = self.finals.get(&round) {
             let same = prev.token == record.token;

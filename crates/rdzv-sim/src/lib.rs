@@ -140,6 +140,8 @@ pub struct SimReport {
     pub config: String,
     /// Rounds finalised.
     pub rounds: u64,
+    /// Times the closed run started again (a requeued job).
+    pub reopens: u64,
     /// Views nodes reported (a node completing a round).
     pub views: u64,
     /// Faults injected, by kind.

@@ -68,12 +68,13 @@ fn main() -> ExitCode {
         None => (args.from..args.from + args.seeds).collect(),
     };
     let started = Instant::now();
-    let (mut rounds, mut faults, mut checks, mut failed) = (0, 0, 0, Vec::new());
+    let (mut rounds, mut faults, mut checks, mut reopens, mut failed) = (0, 0, 0, 0, Vec::new());
     for seed in seeds.iter().copied() {
         let report = rdzv_sim::run_seed(seed);
         rounds += report.rounds;
         faults += report.fault_count();
         checks += report.checks;
+        reopens += report.reopens;
         if !report.passed() || args.seed.is_some() {
             println!(
                 "seed {seed}: {} — {} round(s), {} fault(s) {:?}, {} check(s), trace {:016x}",
@@ -101,7 +102,8 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "{} seed(s), {rounds} round(s), {faults} fault(s), {checks} check(s) in {:.1} s; failed: {failed:?}",
+        "{} seed(s), {rounds} round(s), {faults} fault(s), {reopens} restart(s) of a closed run, \
+         {checks} check(s) in {:.1} s; failed: {failed:?}",
         seeds.len(),
         started.elapsed().as_secs_f64()
     );

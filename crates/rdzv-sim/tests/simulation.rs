@@ -20,7 +20,7 @@ fn ten_thousand_simulated_rounds_with_faults_keep_every_invariant() {
     let seeds = env_u64("RDZV_SIM_SEEDS", 2000);
     let from = env_u64("RDZV_SIM_FROM", 0);
     let started = Instant::now();
-    let (mut rounds, mut faults, mut checks, mut views) = (0, 0, 0, 0);
+    let (mut rounds, mut faults, mut checks, mut views, mut reopens) = (0, 0, 0, 0, 0);
     let mut failed = Vec::new();
     for seed in from..from + seeds {
         let report = rdzv_sim::run_seed(seed);
@@ -28,6 +28,7 @@ fn ten_thousand_simulated_rounds_with_faults_keep_every_invariant() {
         faults += report.fault_count();
         checks += report.checks;
         views += report.views;
+        reopens += report.reopens;
         if !report.passed() {
             failed.push(format!(
                 "seed {seed} ({}): {:#?}",
@@ -37,7 +38,7 @@ fn ten_thousand_simulated_rounds_with_faults_keep_every_invariant() {
     }
     println!(
         "{seeds} seed(s) from {from}: {rounds} round(s), {views} view(s), {faults} fault(s), \
-         {checks} check(s) in {:.1} s",
+         {reopens} restart(s) of a closed run, {checks} check(s) in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     assert!(
@@ -49,5 +50,9 @@ fn ten_thousand_simulated_rounds_with_faults_keep_every_invariant() {
     );
     if seeds >= 2000 {
         assert!(rounds >= 10_000, "only {rounds} rounds were simulated");
+        assert!(
+            reopens >= 10,
+            "a closed run started again only {reopens} time(s)"
+        );
     }
 }

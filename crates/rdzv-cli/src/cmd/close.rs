@@ -1,5 +1,7 @@
 //! `rdzv close`: closes a run, so that every pending and later rendezvous of it fails (and
-//! launchers stop).
+//! launchers stop). Unlike a run closed by its own nodes after a failure, which starts again
+//! once they have all exited (a pod restart, a requeue), a run an operator closed stays
+//! closed for its retention.
 
 use std::process::ExitCode;
 
@@ -16,7 +18,9 @@ pub struct CloseArgs {
     target: RendezvousTarget,
 
     /// Close the run even if it does not exist (yet): it is then closed in advance, for its
-    /// `retention` (default 1h), and every node that joins it meanwhile fails.
+    /// `retention` (default 1h), and every node that joins it meanwhile fails. (A closed run
+    /// stays closed for its retention whether it existed or not; a run its own nodes closed
+    /// after a failure starts again once they have exited, unless `rdzv close` closed it.)
     #[arg(long)]
     force: bool,
 }
@@ -45,7 +49,7 @@ pub async fn run(args: CloseArgs) -> anyhow::Result<ExitCode> {
     }
     let retention = settings.retention;
     let handler = EtcdRendezvousHandler::with_client(client, &params, settings).await?;
-    handler.set_closed().await?;
+    handler.close_by_operator().await?;
     handler.shutdown().await?;
     if existed {
         eprintln!("closed run '{}'", params.run_id);

@@ -39,7 +39,19 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("run:        {}", status.run_id);
-    println!("closed:     {}", if status.closed { "yes" } else { "no" });
+    match &status.closed_by {
+        Some(c) if c.by_operator => println!(
+            "closed:     yes, by an operator ({}): it stays closed",
+            c.by
+        ),
+        Some(c) => println!(
+            "closed:     yes, by its node {} (the job failed): it starts again once its live \
+             nodes have exited",
+            c.by
+        ),
+        None => println!("closed:     no"),
+    }
+    println!("nodes:      {} live", status.agents);
     println!(
         "restarts:   {} (failed rounds of the job)",
         status.failed_rounds

@@ -3,6 +3,7 @@
 //! ```text
 //! <prefix>/<run_id>/lease                      run lease id (bound to the run lease)
 //! <prefix>/<run_id>/closed                     present once the run is closed
+//! <prefix>/<run_id>/agent/<node>               a live node of the run (bound to its lease)
 //! <prefix>/<run_id>/current                    number of the open round
 //! <prefix>/<run_id>/restarts                   failed rounds of the job (its restart budget)
 //! <prefix>/<run_id>/failed/<round>             this round's failure was counted
@@ -69,6 +70,17 @@ impl RunKeys {
         format!("{}/closed", self.base)
     }
 
+    /// `agent/`: the live nodes of the run (a record each, bound to its lease, from connect
+    /// until it leaves or its lease is lost).
+    pub fn agent_prefix(&self) -> String {
+        format!("{}/agent/", self.base)
+    }
+
+    /// A node's presence record.
+    pub fn agent(&self, node_id: &str) -> String {
+        format!("{}{node_id}", self.agent_prefix())
+    }
+
     /// The open round's number.
     pub fn current(&self) -> String {
         format!("{}/current", self.base)
@@ -82,6 +94,11 @@ impl RunKeys {
     /// The marker that round `round`'s failure was counted.
     pub fn failed(&self, round: u64) -> String {
         format!("{}/failed/{round:012}", self.base)
+    }
+
+    /// `failed/`: the markers of counted failed rounds.
+    pub fn failed_prefix(&self) -> String {
+        format!("{}/failed/", self.base)
     }
 
     /// `r/<round>/`.
@@ -209,6 +226,10 @@ mod tests {
         assert!(inside(&k.final_key(5)));
         assert!(inside(&k.round_closed(5)));
         assert!(inside(&k.waiting(5)));
+        assert!(
+            !inside(&k.agent("n1")),
+            "presence records cost the members' watches nothing"
+        );
         assert!(
             !inside(&k.member(5, "n2")),
             "joins of the next round are not watched one by one"

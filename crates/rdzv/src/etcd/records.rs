@@ -103,6 +103,10 @@ pub struct ClosedRecord {
     pub by: String,
     /// When, milliseconds since the Unix epoch.
     pub at_ms: u64,
+    /// Closed by an operator (`rdzv close`): it stays closed for the run's retention. A run
+    /// closed by its own nodes (the job failed) starts again once they have all exited.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_operator: bool,
 }
 
 /// A finaliser's claim on a large round.

@@ -47,7 +47,7 @@ use tokio::sync::{broadcast, Mutex};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::api::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use super::api::{Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use super::client::{is_lease_gone, is_transient, EtcdClient, LEASE_GONE};
 use super::keys::RunKeys;
 use super::lease::KeptLease;
@@ -154,9 +154,13 @@ impl EtcdRendezvousHandler {
     ) -> Result<Self, RendezvousError> {
         params.validate()?;
         let keys = RunKeys::new(&settings.prefix, &params.run_id);
-        let (run_lease, open_round) =
-            ensure_run_lease(&client, &keys, settings.retention_secs()).await?;
         let node_lease = KeptLease::grant(&client, settings.keep_alive_ttl_secs()).await?;
+        let presence = Presence {
+            node_id: &node.node_id,
+            lease: node_lease.id(),
+        };
+        let (run_lease, open_round) =
+            ensure_run_lease(&client, &keys, settings.retention_secs(), Some(presence)).await?;
         tracing::debug!(run_id = %params.run_id, node_id = %node.node_id, open_round, "rendezvous handler ready");
         Ok(Self {
             run_id: params.run_id.clone(),
@@ -314,6 +318,17 @@ impl EtcdRendezvousHandler {
             let old = lease.id();
             *lease = KeptLease::grant(&self.client, self.settings.keep_alive_ttl_secs()).await?;
             st.joined.clear();
+            // The node's presence went with the old lease: while the node lives, a closed run
+            // must not start again.
+            let (key, id) = (self.keys.agent(&self.node.node_id), lease.id());
+            self.retry_transient("presence", || {
+                self.client.put(
+                    key.clone(),
+                    Vec::new(),
+                    Some(PutOptions::new().with_lease(id)),
+                )
+            })
+            .await?;
             // The old lease may still live in etcd (the fence is early): revoke it, so that
             // the peers learn at once that this node's records are gone.
             let _ = self.client.lease_revoke(old).await;
@@ -324,9 +339,14 @@ impl EtcdRendezvousHandler {
     pub(super) async fn run_lease_id(&self) -> Result<i64, RendezvousError> {
         let mut lease = self.run_lease.lock().await;
         if lease.is_lost() {
-            *lease = ensure_run_lease(&self.client, &self.keys, self.settings.retention_secs())
-                .await?
-                .0;
+            *lease = ensure_run_lease(
+                &self.client,
+                &self.keys,
+                self.settings.retention_secs(),
+                None,
+            )
+            .await?
+            .0;
         }
         Ok(lease.id())
     }
@@ -335,6 +355,105 @@ impl EtcdRendezvousHandler {
         RendezvousError::Closed {
             run_id: self.run_id.clone(),
         }
+    }
+
+    /// Closes the run as an operator does (`rdzv close`): unlike a close by the job's own
+    /// nodes ([`RendezvousHandler::set_closed`]), it stays closed for the run's retention
+    /// even after every node has exited.
+    ///
+    /// # Errors
+    /// As [`RendezvousHandler::set_closed`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the run is closed once or not at all.
+    pub async fn close_by_operator(&self) -> Result<(), RendezvousError> {
+        self.close_run(true).await
+    }
+
+    async fn close_run(&self, by_operator: bool) -> Result<(), RendezvousError> {
+        let k = &self.keys;
+        let record = encode(&ClosedRecord {
+            v: SCHEMA_VERSION,
+            by: self.node.node_id.clone(),
+            at_ms: self.env.now_ms(),
+            by_operator,
+        });
+        for _ in 0..64 {
+            let run_lease = self.run_lease_id().await?;
+            let resp = self
+                .retry_transient("close", || {
+                    self.client.txn(
+                        Txn::new().and_then([
+                            TxnOp::get(k.current(), None),
+                            TxnOp::get(k.closed(), None),
+                        ]),
+                    )
+                })
+                .await?;
+            if let Some(kv) = resp.get(1).and_then(|g| g.kvs().first()) {
+                let existing = decode::<ClosedRecord>(kv.key(), kv.value())?;
+                if by_operator && !existing.by_operator {
+                    // Closed by its nodes: the operator's close makes it stay closed.
+                    let txn = Txn::new()
+                        .when([Compare::mod_revision(
+                            k.closed(),
+                            CompareOp::Equal,
+                            kv.mod_revision(),
+                        )])
+                        .and_then([TxnOp::put(
+                            k.closed(),
+                            record.clone(),
+                            Some(PutOptions::new().with_lease(run_lease)),
+                        )]);
+                    match self.client.txn(txn).await {
+                        Ok(r) if r.succeeded() => {}
+                        Ok(_) => continue,
+                        Err(e) if is_transient(&e) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                let _ = self.events.send(MembershipEvent::Closed);
+                return Ok(());
+            }
+            let (open_round, guard) = match resp.get(0).and_then(|g| g.kvs().first()) {
+                Some(kv) => (
+                    parse_round(kv)?,
+                    Compare::mod_revision(k.current(), CompareOp::Equal, kv.mod_revision()),
+                ),
+                None => (
+                    1,
+                    Compare::create_revision(k.current(), CompareOp::Equal, 0),
+                ),
+            };
+            let leased = || Some(PutOptions::new().with_lease(run_lease));
+            // The open round's watchers and the last two rounds' members hear of it.
+            let mut ops = vec![
+                TxnOp::put(k.closed(), record.clone(), leased()),
+                TxnOp::put(k.round_closed(open_round), record.clone(), leased()),
+            ];
+            if open_round > 1 {
+                ops.push(TxnOp::put(
+                    k.round_closed(open_round - 1),
+                    record.clone(),
+                    leased(),
+                ));
+            }
+            let txn = Txn::new().when([guard]).and_then(ops);
+            match self.client.txn(txn).await {
+                Ok(r) if r.succeeded() => {
+                    tracing::info!(run_id = %self.run_id, "closed the run");
+                    let _ = self.events.send(MembershipEvent::Closed);
+                    return Ok(());
+                }
+                Ok(_) => {}
+                // The outcome is unknown: the next read tells.
+                Err(e) if is_transient(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(RendezvousError::State(
+            "the open round kept changing while closing the run".into(),
+        ))
     }
 
     /// Removes this node's record (and its claim, if it holds one) of `round` after giving
@@ -357,20 +476,40 @@ impl EtcdRendezvousHandler {
     }
 }
 
+/// A node's presence record, written at connect.
+#[derive(Debug, Clone, Copy)]
+struct Presence<'a> {
+    node_id: &'a str,
+    lease: i64,
+}
+
 /// The run lease (found under `lease`, or granted and published with `current = 1`), and the
-/// open round.
+/// open round. With `presence`, the node's presence record is written in the same request,
+/// and a run closed by its own nodes is started again if they have all exited (see
+/// [`reopen_if_abandoned`]).
 async fn ensure_run_lease(
     client: &EtcdClient,
     keys: &RunKeys,
     ttl_secs: i64,
+    presence: Option<Presence<'_>>,
 ) -> Result<(KeptLease, u64), RendezvousError> {
-    let read = Txn::new().and_then([
+    let mut ops = vec![
         TxnOp::get(keys.lease(), None),
         TxnOp::get(keys.current(), None),
-    ]);
-    let resp = client.txn(read).await?;
+        TxnOp::get(keys.closed(), None),
+    ];
+    if let Some(p) = presence {
+        ops.push(TxnOp::put(
+            keys.agent(p.node_id),
+            Vec::new(),
+            Some(PutOptions::new().with_lease(p.lease)),
+        ));
+    }
+    let resp = client.txn(Txn::new().and_then(ops)).await?;
     let lease_kv = resp.get(0).and_then(|g| g.kvs().first()).cloned();
-    let current = match resp.get(1).and_then(|g| g.kvs().first()) {
+    let current_kv = resp.get(1).and_then(|g| g.kvs().first()).cloned();
+    let closed_kv = resp.get(2).and_then(|g| g.kvs().first()).cloned();
+    let current = match &current_kv {
         Some(kv) => Some(parse_round(kv)?),
         None => None,
     };
@@ -381,11 +520,17 @@ async fn ensure_run_lease(
                 keys.lease()
             )));
         }
-        let Some(open) = current else {
+        let (Some(open), Some(current_kv)) = (current, current_kv) else {
             return Err(RendezvousError::State(format!(
                 "the run exists but '{}' is missing; was it written by an older rdzv?",
                 keys.current()
             )));
+        };
+        let open = match (closed_kv, presence) {
+            (Some(closed), Some(_)) => {
+                reopen_if_abandoned(client, keys, &closed, &current_kv, kv.lease()).await?
+            }
+            _ => open,
         };
         return Ok((KeptLease::keep(client, kv.lease(), ttl_secs), open));
     }
@@ -434,6 +579,75 @@ async fn ensure_run_lease(
             keys.lease()
         ))),
     }
+}
+
+/// A run closed by its own nodes (its job failed) starts again, as a Kubernetes pod restart
+/// or a SLURM requeue expects, once none of those nodes lives: when every presence record
+/// was written after the close (this node's included, so the range is never empty). One
+/// transaction, guarded on that and on `closed` and `current` being as read, deletes
+/// `closed`, resets the restart budget and opens a fresh round after the closed one (the
+/// closed rounds keep their closed markers, so a node of the old job that wakes up still
+/// sees them closed). A run closed by an operator (`rdzv close`) stays closed. Returns the
+/// open round.
+async fn reopen_if_abandoned(
+    client: &EtcdClient,
+    keys: &RunKeys,
+    closed_kv: &KeyValue,
+    current_kv: &KeyValue,
+    run_lease: i64,
+) -> Result<u64, RendezvousError> {
+    let closed: ClosedRecord = decode(closed_kv.key(), closed_kv.value())?;
+    let open = parse_round(current_kv)?;
+    if closed.by_operator {
+        tracing::info!(closed_by = %closed.by, "the run was closed by an operator: it stays closed");
+        return Ok(open);
+    }
+    let closed_at = closed_kv.mod_revision();
+    let next = open + 1;
+    let txn = Txn::new()
+        .when([
+            Compare::mod_revision(keys.closed(), CompareOp::Equal, closed_at),
+            Compare::mod_revision(keys.current(), CompareOp::Equal, current_kv.mod_revision()),
+            Compare::create_revision(keys.agent_prefix(), CompareOp::Greater, closed_at)
+                .with_prefix(),
+        ])
+        .and_then([
+            TxnOp::delete(keys.closed(), None),
+            TxnOp::put(
+                keys.current(),
+                next.to_string(),
+                Some(PutOptions::new().with_lease(run_lease)),
+            ),
+            TxnOp::delete(keys.restarts(), None),
+            TxnOp::delete(
+                keys.failed_prefix(),
+                Some(DeleteOptions::new().with_prefix()),
+            ),
+        ])
+        .or_else([
+            TxnOp::get(keys.closed(), None),
+            TxnOp::get(keys.current(), None),
+        ]);
+    let resp = client.txn(txn).await?;
+    if resp.succeeded() {
+        tracing::info!(
+            closed_by = %closed.by,
+            round = next,
+            "the run was closed by its nodes, which have all exited: starting it again"
+        );
+        return Ok(next);
+    }
+    let open = match resp.get(1).and_then(|g| g.kvs().first()) {
+        Some(kv) => parse_round(kv)?,
+        None => open,
+    };
+    if resp.get(0).is_some_and(|g| !g.kvs().is_empty()) {
+        tracing::info!(
+            closed_by = %closed.by,
+            "the run is closed and some of its nodes still run: it stays closed"
+        );
+    }
+    Ok(open)
 }
 
 /// The largest round number: round numbers are zero-padded to 12 digits in keys (see
@@ -641,68 +855,7 @@ impl RendezvousHandler for EtcdRendezvousHandler {
     }
 
     async fn set_closed(&self) -> Result<(), RendezvousError> {
-        let k = &self.keys;
-        let record = encode(&ClosedRecord {
-            v: SCHEMA_VERSION,
-            by: self.node.node_id.clone(),
-            at_ms: self.env.now_ms(),
-        });
-        for _ in 0..64 {
-            let run_lease = self.run_lease_id().await?;
-            let resp = self
-                .retry_transient("close", || {
-                    self.client.txn(
-                        Txn::new().and_then([
-                            TxnOp::get(k.current(), None),
-                            TxnOp::get(k.closed(), None),
-                        ]),
-                    )
-                })
-                .await?;
-            if let Some(kv) = resp.get(1).and_then(|g| g.kvs().first()) {
-                decode::<ClosedRecord>(kv.key(), kv.value())?;
-                let _ = self.events.send(MembershipEvent::Closed);
-                return Ok(());
-            }
-            let (open_round, guard) = match resp.get(0).and_then(|g| g.kvs().first()) {
-                Some(kv) => (
-                    parse_round(kv)?,
-                    Compare::mod_revision(k.current(), CompareOp::Equal, kv.mod_revision()),
-                ),
-                None => (
-                    1,
-                    Compare::create_revision(k.current(), CompareOp::Equal, 0),
-                ),
-            };
-            let leased = || Some(PutOptions::new().with_lease(run_lease));
-            // The open round's watchers and the last two rounds' members hear of it.
-            let mut ops = vec![
-                TxnOp::put(k.closed(), record.clone(), leased()),
-                TxnOp::put(k.round_closed(open_round), record.clone(), leased()),
-            ];
-            if open_round > 1 {
-                ops.push(TxnOp::put(
-                    k.round_closed(open_round - 1),
-                    record.clone(),
-                    leased(),
-                ));
-            }
-            let txn = Txn::new().when([guard]).and_then(ops);
-            match self.client.txn(txn).await {
-                Ok(r) if r.succeeded() => {
-                    tracing::info!(run_id = %self.run_id, "closed the run");
-                    let _ = self.events.send(MembershipEvent::Closed);
-                    return Ok(());
-                }
-                Ok(_) => {}
-                // The outcome is unknown: the next read tells.
-                Err(e) if is_transient(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Err(RendezvousError::State(
-            "the open round kept changing while closing the run".into(),
-        ))
+        self.close_run(false).await
     }
 
     async fn num_nodes_waiting(&self) -> Result<usize, RendezvousError> {

@@ -47,6 +47,9 @@ pub struct RunStatus {
     pub members: Vec<MemberStatus>,
     /// The job's failed rounds (the restarts `rdzv run` counted against `--max-restarts`).
     pub failed_rounds: u64,
+    /// Live nodes of the run (connected, whether in a round or not). A run closed by its own
+    /// nodes starts again once those that were live at the close have exited.
+    pub agents: u64,
 }
 
 /// Whether the run has any key (a node created it, and its keys have not expired).
@@ -180,8 +183,16 @@ pub async fn read_status(
         Some(kv) => super::restarts::parse_count(&keys.restarts(), kv.value())?,
         None => 0,
     };
+    let agents = client
+        .get(
+            keys.agent_prefix(),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?
+        .count() as u64;
     Ok(RunStatus {
         failed_rounds,
+        agents,
         run_id: run_id.to_string(),
         closed: closed_by.is_some(),
         closed_by,
