@@ -511,3 +511,89 @@ fn a_run_closed_by_its_nodes_starts_again_once_they_have_all_exited() {
         assert_no_violations(&world);
     });
 }
+
+/// Defect found by the simulator (seed 19315 of a 20,000-seed soak): a waiting node's two
+/// watches (its round's control keys and, as keeper, the previous round) both met a
+/// compaction at once; one resync finished first and the `select!` dropped the other in the
+/// middle of re-opening its stream, after it had advanced past the snapshot it had read but
+/// before returning it. The snapshot held the round's `final`: the node never learnt its rank
+/// and waited for ever. `RangeWatch::next` must be cancel safe at every point: cancelled at
+/// any moment and called again, it still delivers what it had read.
+#[test]
+fn watch_resync_cancelled_while_reopening_loses_the_snapshot() {
+    use rdzv::etcd::api::PutOptions;
+    use rdzv::etcd::client::EtcdClient;
+    use rdzv::etcd::watch::{RangeWatch, WatchItem};
+    use rdzv_sim::model::{Limits, Model};
+    use rdzv_sim::server::{FaultRates, NodeLink, SimEtcd};
+    use std::sync::Arc;
+
+    run_scripted(13, |rng| async move {
+        let etcd = SimEtcd::start(
+            Model::new(Limits::default()),
+            rng,
+            FaultRates {
+                latency_ms: (5, 5),
+                ..FaultRates::none()
+            },
+            2 * SECOND,
+        );
+        let client = EtcdClient::from_api(
+            Arc::new(etcd.connect(Arc::new(NodeLink::default()))),
+            Arc::default(),
+        );
+        // Every cancellation point of one resync (get, then re-open), 1 ms apart.
+        for cancel_after_ms in 1..120 {
+            let prefix = format!("/w{cancel_after_ms}/");
+            let end = rdzv::etcd::keys::prefix_end(&prefix);
+            let from = etcd.with_model(|m| m.revision()) + 1;
+            let key = format!("{prefix}final");
+            client
+                .put(key.clone(), b"done".to_vec(), Some(PutOptions::new()))
+                .await
+                .expect("put");
+            // One more revision, so that the compaction covers the watch's start.
+            client
+                .put(
+                    format!("{prefix}other"),
+                    Vec::new(),
+                    Some(PutOptions::new()),
+                )
+                .await
+                .expect("put");
+            etcd.compact_now();
+            let mut watch = RangeWatch::open(&client, prefix.clone(), end, from)
+                .await
+                .expect("open");
+            let mut seen = false;
+            let first =
+                tokio::time::timeout(Duration::from_millis(cancel_after_ms), watch.next()).await;
+            let cancelled = first.is_err();
+            let mut items: Vec<WatchItem> = Vec::new();
+            if let Ok(item) = first {
+                items.push(item.expect("watch"));
+            } else if let Ok(item) = tokio::time::timeout(2 * SECOND, watch.next()).await {
+                items.push(item.expect("watch"));
+            }
+            for item in &items {
+                seen |= match item {
+                    WatchItem::Resync { kvs, .. } => {
+                        kvs.iter().any(|kv| kv.key() == key.as_bytes())
+                    }
+                    WatchItem::Events(events) => events.iter().any(|e| e.kv.key == key.as_bytes()),
+                };
+            }
+            if !cancelled {
+                assert!(
+                    matches!(items.first(), Some(WatchItem::Resync { .. })),
+                    "the watch from a compacted revision resyncs"
+                );
+            }
+            assert!(
+                seen,
+                "cancelled {cancel_after_ms} ms into the resync, the watch never delivered \
+                 the key it had read before the compaction"
+            );
+        }
+    });
+}

@@ -106,6 +106,10 @@ impl RangeWatch {
         Ok(())
     }
 
+    /// Reads the range; the stream is re-opened after the snapshot by the next call. Nothing
+    /// is awaited between moving past the snapshot and returning it, so a cancelled call
+    /// loses nothing: cancelled during the read, the next call meets the compaction again
+    /// and reads again.
     async fn resync(&mut self) -> Result<WatchItem, RendezvousError> {
         self.stream = None;
         let resp = self
@@ -117,7 +121,6 @@ impl RangeWatch {
             .await?;
         let revision = resp.revision();
         self.next_revision = revision + 1;
-        self.reopen().await?;
         Ok(WatchItem::Resync {
             kvs: resp.kvs,
             revision,
