@@ -40,6 +40,8 @@ struct AgentSpec<'a> {
     env: Vec<(&'a str, String)>,
     /// `--local-addr` (127.0.0.1 if unset).
     local_addr: Option<&'a str>,
+    /// `--rdzv-conf` (FAST_CONF if unset).
+    conf: Option<&'a str>,
 }
 
 impl<'a> AgentSpec<'a> {
@@ -92,7 +94,7 @@ impl Job {
             .args(["--rdzv-backend", "etcd"])
             .args(["--rdzv-endpoint", &self.endpoint()])
             .args(["--rdzv-id", &self.id])
-            .args(["--rdzv-conf", FAST_CONF])
+            .args(["--rdzv-conf", spec.conf.unwrap_or(FAST_CONF)])
             .args(["--local-addr", spec.local_addr.unwrap_or("127.0.0.1")])
             .args(["--monitor-interval", "0.1"])
             .args(&spec.flags)
@@ -384,6 +386,49 @@ fn a_killed_agent_is_replaced_by_a_smaller_round_while_min_is_met() {
     assert!(
         job.agent_records(victim).dones.is_empty(),
         "the killed agent's workers did not finish\n{context}"
+    );
+    job.assert_no_worker_left();
+}
+
+/// Issue 13: a SIGKILLed agent was noticed only when its lease expired. Its watcher (the
+/// member of the previous rank) sees its probe connection close and revokes its lease: with
+/// a 60 s TTL, the survivors run in a world of 4 within 20 s (in practice, well under one).
+#[test]
+fn a_killed_agent_is_noticed_in_well_under_its_ttl() {
+    let mut job = Job::new("run-probe");
+    let spec = AgentSpec {
+        conf: Some("last_call_timeout=1,keep_alive_ttl=60"),
+        ..AgentSpec::new("2:3", 2)
+            .env("WORKER_SLEEP_IF_WORLD", "6")
+            .env("WORKER_SLEEP_SECS", "120")
+    };
+    for _ in 0..3 {
+        job.start(&spec);
+    }
+    job.wait_records("6 workers running in a world of 6", |r| {
+        r.starts_with_world(6).len() == 6
+    });
+    job.agents[2].signal(libc::SIGKILL);
+    let _ = job.agents[2].wait_for_exit(WAIT);
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            format!(
+                "the survivors are not in a world of 4 within 20 s of the kill (TTL 60 s)\n{}",
+                job.describe()
+            )
+        },
+        || job.records().starts_with_world(4).len() == 4,
+    );
+    for i in 0..2 {
+        let code = job.exit_code(i);
+        assert_eq!(code, 0, "agent{i}\n{}", job.describe());
+    }
+    let revoked = (0..2).any(|i| job.agents[i].stderr().contains("revoking its lease"));
+    assert!(
+        revoked,
+        "a survivor says it revoked the dead agent's lease\n{}",
+        job.describe()
     );
     job.assert_no_worker_left();
 }

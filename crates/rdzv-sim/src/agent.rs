@@ -15,6 +15,7 @@ use rdzv::{MembershipEvent, RendezvousHandler, RendezvousParameters};
 use tokio::sync::{broadcast, Notify};
 
 use crate::check::Checker;
+use crate::probe::ProbeNet;
 use crate::server::{NodeLink, SimEtcd};
 
 /// What the harness can ask of an agent.
@@ -37,6 +38,8 @@ pub struct Shared {
     pub params: RendezvousParameters,
     /// The protocol settings (the same for every node).
     pub settings: RendezvousSettings,
+    /// The nodes' peer probes.
+    pub probes: Arc<ProbeNet>,
 }
 
 impl Shared {
@@ -81,6 +84,7 @@ pub async fn run_agent(
         prev_rank: None,
         // Nodes run different numbers of workers, as a launcher says.
         local_world_size: Some(1 + host as u64 % 3),
+        probe: None,
         pid: host as u32 + 100,
         detached: false,
         left: false,
@@ -92,7 +96,7 @@ pub async fn run_agent(
         &shared.params,
         shared.settings.clone(),
         record,
-        NodeEnv::new(seed, wall),
+        NodeEnv::new(seed, wall).with_probe(Arc::new(shared.probes.probe_for(&name))),
     )
     .await
     {

@@ -216,6 +216,14 @@ async fn simulate(seed: u64, progress: Arc<std::sync::atomic::AtomicU64>) -> Sim
                     count("close");
                 }
             }
+            80..=84 => {
+                if let Some(slot) = world.pick_live() {
+                    if world.reset_probe(slot) {
+                        tracing::info!(slot, "fault: false crash report (probe connections reset)");
+                        count("false crash report");
+                    }
+                }
+            }
             _ => {
                 // Replacements for the nodes that are gone (a newcomer each); after a close
                 // only if the job is requeued.

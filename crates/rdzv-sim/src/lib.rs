@@ -18,6 +18,7 @@ pub mod agent;
 pub mod chaos;
 pub mod check;
 pub mod model;
+pub mod probe;
 pub mod server;
 pub mod world;
 

@@ -98,6 +98,7 @@ impl World {
             node_rank: None,
             local_world_size: None,
             max_txn_ops: cfg.max_txn_ops,
+            peer_probe: true,
             min_nodes: cfg.min_nodes,
             max_nodes: cfg.max_nodes,
         };
@@ -119,6 +120,7 @@ impl World {
             checker: checker.clone(),
             params,
             settings,
+            probes: Arc::default(),
         };
         Self {
             etcd,
@@ -217,6 +219,14 @@ impl World {
             node.task.abort();
             lock(&self.checker).on_gone(&node.name);
         }
+    }
+
+    /// Resets the peer-probe connections to the node in `slot`, which lives on: its watcher
+    /// takes it for dead (a false crash report). Returns false if it has no live listener.
+    pub fn reset_probe(&self, slot: usize) -> bool {
+        self.slots[slot]
+            .as_ref()
+            .is_some_and(|n| self.shared.probes.reset(&format!("probe:{}", n.name)))
     }
 
     /// Asks the node in `slot` to leave gracefully.

@@ -28,11 +28,18 @@ fn start(world: &mut World, n: usize) -> Vec<usize> {
 
 /// Waits until exactly the nodes of `slots` act, all in one round, and returns it.
 async fn settled(world: &World, slots: &[usize], within: Duration) -> u64 {
+    settled_after(world, slots, 0, within).await
+}
+
+/// Waits until exactly the nodes of `slots` act, all in one round after `after`, and returns
+/// it.
+async fn settled_after(world: &World, slots: &[usize], after: u64, within: Duration) -> u64 {
     let names: Vec<String> = slots.iter().filter_map(|s| world.name(*s)).collect();
     let ok = world
         .wait_until(within, |w| {
             let acting = w.acting();
             acting.len() == names.len()
+                && acting.values().all(|r| *r > after)
                 && names.iter().all(|n| acting.contains_key(n))
                 && acting
                     .values()
@@ -595,5 +602,67 @@ fn watch_resync_cancelled_while_reopening_loses_the_snapshot() {
                  the key it had read before the compaction"
             );
         }
+    });
+}
+
+/// Issue 13: a crashed node was noticed only when its lease expired (a TTL: seconds). With
+/// the peer probe, its watcher sees the process's connection close and revokes its lease:
+/// with a 30 s TTL, the survivors are in a new complete round within a second.
+#[test]
+fn a_crashed_member_is_noticed_in_well_under_its_ttl() {
+    run_scripted(14, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 2,
+                max_nodes: 4,
+                ttl_secs: 30,
+                last_call: Duration::ZERO,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let slots = start(&mut world, 4);
+        let first = settled(&world, &slots, 30 * SECOND).await;
+        world.crash(slots[2]);
+        let crashed_at = Instant::now();
+        let survivors = [slots[0], slots[1], slots[3]];
+        settled_after(&world, &survivors, first, 30 * SECOND).await;
+        let took = crashed_at.elapsed();
+        assert!(
+            took < SECOND,
+            "the survivors needed {took:?} after the crash (the TTL is 30 s)"
+        );
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}
+
+/// Issue 13: a false crash report (the probe connections to a live node reset) revokes a
+/// live node's lease. It must cost at most a restart: the node learns it lost its membership
+/// and stops acting, the job re-forms with every node, and no rank is ever wrong (the
+/// checker runs on every change).
+#[test]
+fn a_false_crash_report_costs_a_restart_never_a_wrong_rank() {
+    run_scripted(15, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 3,
+                max_nodes: 3,
+                ttl_secs: 30,
+                last_call: Duration::ZERO,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let slots = start(&mut world, 3);
+        let first = settled(&world, &slots, 30 * SECOND).await;
+        assert!(
+            world.reset_probe(slots[1]),
+            "node 1 has a live probe listener"
+        );
+        // The falsely reported node lost its lease: the job re-forms, with every node.
+        settled_after(&world, &slots, first, 30 * SECOND).await;
+        assert_no_violations(&world);
+        world.stop_all();
     });
 }

@@ -205,13 +205,14 @@ proptest! {
         node_rank in prop::option::of(any::<u64>()),
         prev_rank in prop::option::of(any::<usize>()),
         local_world_size in prop::option::of(any::<u64>()),
+        probe in prop::option::of("[a-z0-9.:]{1,20}"),
         pid in any::<u32>(),
         detached in any::<bool>(),
         left in any::<bool>(),
     ) {
         let record = NodeRecord {
             v: SCHEMA_VERSION, node_id, hostname, addrs, node_rank, prev_rank, local_world_size,
-            pid, detached, left,
+            probe, pid, detached, left,
         };
         let decoded: Result<NodeRecord, RendezvousError> = decode(b"k", &encode(&record));
         prop_assert_eq!(decoded.ok(), Some(record));

@@ -327,6 +327,7 @@ async fn join_record_without_a_lease_is_a_state_error_naming_the_key() {
         node_rank: None,
         prev_rank: None,
         local_world_size: None,
+        probe: None,
         pid: 1,
         detached: false,
         left: false,

@@ -40,6 +40,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "node_rank",
     "local_world_size",
     "max_txn_ops",
+    "peer_probe",
 ];
 
 /// Keys of PyTorch's other backends, accepted with a warning: `(key, what rdzv does with it)`.

@@ -10,7 +10,9 @@
 
 use super::api::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
 use super::ranks::{assign_ranks, Candidate};
-use super::records::{decode, encode, Assignment, Claim, FinalRecord, NodeRecord, SCHEMA_VERSION};
+use super::records::{
+    decode, encode, Assignment, Claim, FinalRecord, NodeRecord, WatchedPeer, SCHEMA_VERSION,
+};
 use super::rendezvous::EtcdRendezvousHandler;
 use super::round::RoundResult;
 use crate::RendezvousError;
@@ -37,6 +39,8 @@ impl EtcdRendezvousHandler {
             .await?;
         let members_revision = resp.revision();
         let mut candidates = Vec::with_capacity(resp.kvs().len());
+        // Each member's probe and lease, for its ring predecessor to watch.
+        let mut probes = std::collections::BTreeMap::new();
         for kv in resp.kvs() {
             let rec: NodeRecord = decode(kv.key(), kv.value())?;
             if kv.lease() == 0 {
@@ -44,6 +48,9 @@ impl EtcdRendezvousHandler {
                     "join record '{}' is not bound to a lease; was it written by something else?",
                     String::from_utf8_lossy(kv.key())
                 )));
+            }
+            if let Some(probe) = rec.probe {
+                probes.insert(rec.node_id.clone(), (probe, kv.lease()));
             }
             candidates.push(Candidate {
                 node_id: rec.node_id,
@@ -108,12 +115,23 @@ impl EtcdRendezvousHandler {
                 .collect();
             (firsts, total)
         });
+        // Each member watches its ring successor's process (none in a round of one).
+        let watched = |rank: usize| -> Option<WatchedPeer> {
+            let next = table.ranked.get((rank + 1) % world_size)?;
+            let (probe, lease) = probes.get(&next.node_id)?;
+            (world_size > 1 && self.settings.peer_probe).then(|| WatchedPeer {
+                node_id: next.node_id.clone(),
+                probe: probe.clone(),
+                lease: *lease,
+            })
+        };
         let assigns: Vec<TxnOp> = table
             .ranked
             .iter()
             .enumerate()
             .map(|(rank, c)| {
                 let a = Assignment {
+                    watch: watched(rank),
                     v: SCHEMA_VERSION,
                     rank,
                     world_size,
@@ -168,10 +186,12 @@ impl EtcdRendezvousHandler {
             waiting = table.waiting.len(),
             "completed the round"
         );
+        let watch = rank.and_then(watched);
         Ok(Some(RoundResult {
             record,
             rank,
             global,
+            watch,
             next_round: round + 1,
         }))
     }
@@ -278,11 +298,13 @@ impl EtcdRendezvousHandler {
         };
         let rank = ours.as_ref().map(|a| a.rank);
         let global = ours.as_ref().and_then(super::round::global_ranks);
+        let watch = ours.and_then(|a| a.watch);
         let next_round = record.round + 1;
         Ok(RoundResult {
             record,
             rank,
             global,
+            watch,
             next_round,
         })
     }

@@ -16,6 +16,7 @@ pub mod lease;
 mod monitor;
 pub mod node;
 pub mod options;
+pub mod probe;
 pub mod ranks;
 pub mod records;
 pub mod rendezvous;

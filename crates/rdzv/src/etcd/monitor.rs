@@ -22,9 +22,11 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::api::{EventType, GetOptions, KeyValue};
+use super::client::is_lease_gone;
 use super::client::EtcdClient;
 use super::keys::RunKeys;
-use super::records::{decode, Assignment, NodeRecord};
+use super::probe::PeerProbe;
+use super::records::{decode, Assignment, NodeRecord, WatchedPeer};
 use super::watch::{RangeWatch, WatchItem};
 use crate::{MembershipEvent, RendezvousError};
 
@@ -40,15 +42,19 @@ pub(crate) struct MonitorArgs {
     pub events: broadcast::Sender<MembershipEvent>,
     pub waiting: Arc<AtomicUsize>,
     pub lease_lost: watch::Receiver<bool>,
+    /// The peer to watch for a crash, and the probe to watch it with.
+    pub peer: Option<(WatchedPeer, Arc<dyn PeerProbe>)>,
 }
 
 /// Starts the monitor; abort the handle to stop it earlier.
-pub(crate) fn spawn_monitor(args: MonitorArgs) -> JoinHandle<()> {
+pub(crate) fn spawn_monitor(mut args: MonitorArgs) -> JoinHandle<()> {
     let mut lost = args.lease_lost.clone();
+    let peer = args.peer.take();
     tokio::spawn(
         async move {
             let round = args.round;
             let events = args.events.clone();
+            let peer_watch = watch_peer(args.client.clone(), peer, round);
             // This node's own lease is watched apart from etcd: a node cut off from etcd (whose
             // watch cannot even be re-opened) must still learn that its fence fired.
             tokio::select! {
@@ -58,10 +64,43 @@ pub(crate) fn spawn_monitor(args: MonitorArgs) -> JoinHandle<()> {
                     let _ = events.send(MembershipEvent::MembershipLost { round });
                 }
                 () = watch_membership(args) => {}
+                () = peer_watch => {}
             }
         }
         .in_current_span(),
     )
+}
+
+/// Watches the peer's process (see [`super::probe`]); when it dies, revokes the peer's
+/// lease, so that etcd deletes its join record at once and every member's watch reports the
+/// loss. Never returns.
+async fn watch_peer(
+    client: EtcdClient,
+    peer: Option<(WatchedPeer, Arc<dyn PeerProbe>)>,
+    round: u64,
+) {
+    if let Some((peer, probe)) = peer {
+        probe.watch(&peer.probe).await;
+        tracing::info!(
+            round,
+            peer = %peer.node_id,
+            "the peer's process closed its probe connection: revoking its lease"
+        );
+        let mut backoff = Duration::from_millis(50);
+        for _ in 0..6 {
+            match client.lease_revoke(peer.lease).await {
+                Ok(()) => break,
+                // Gone already: it left, or its lease expired.
+                Err(e) if is_lease_gone(&e) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "revoking the dead peer's lease failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+        }
+    }
+    std::future::pending().await
 }
 
 /// Returns once the lease is lost (never, if its keeper is gone without losing it).

@@ -1,8 +1,11 @@
 //! Who this node is ([`NodeRecord`] of the local process: host name, addresses, a unique id)
 //! and its sources of randomness and time ([`NodeEnv`]), which the simulator replaces.
 
+use std::sync::Arc;
+
 use tokio::time::Instant;
 
+use super::probe::{PeerProbe, TcpProbe};
 use super::records::{now_ms, NodeRecord, SCHEMA_VERSION};
 
 /// Who a node is, and its sources of randomness and time: from the machine for a real node,
@@ -13,21 +16,34 @@ pub struct NodeEnv {
     /// Wall-clock milliseconds at `base` (records' timestamps).
     wall_base_ms: u64,
     base: Instant,
+    probe: Option<Arc<dyn PeerProbe>>,
 }
 
 impl NodeEnv {
-    /// From the machine: a random seed and the system clock.
+    /// From the machine: a random seed, the system clock and the TCP peer probe.
     pub fn from_machine() -> Self {
-        Self::new(fastrand::u64(..), now_ms())
+        Self::new(fastrand::u64(..), now_ms()).with_probe(Arc::new(TcpProbe))
     }
 
-    /// A seeded random source, and a wall clock that reads `wall_ms` now.
+    /// A seeded random source, a wall clock that reads `wall_ms` now, and no peer probe.
     pub fn new(seed: u64, wall_ms: u64) -> Self {
         Self {
             rng: std::sync::Mutex::new(fastrand::Rng::with_seed(seed)),
             wall_base_ms: wall_ms,
             base: Instant::now(),
+            probe: None,
         }
+    }
+
+    /// With a peer probe (see [`super::probe`]).
+    pub fn with_probe(mut self, probe: Arc<dyn PeerProbe>) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+
+    /// The peer probe, if this node has one.
+    pub fn probe(&self) -> Option<&Arc<dyn PeerProbe>> {
+        self.probe.as_ref()
     }
 
     pub(crate) fn with_rng<T>(&self, f: impl FnOnce(&mut fastrand::Rng) -> T) -> T {
@@ -78,6 +94,7 @@ pub(crate) fn local_node_record(local_addr: Option<&str>, node_rank: Option<u64>
         node_rank,
         prev_rank: None,
         local_world_size: None,
+        probe: None,
         pid: std::process::id(),
         detached: false,
         left: false,

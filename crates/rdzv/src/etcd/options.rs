@@ -20,6 +20,7 @@
 //! | `node_rank` | – | a hint for this node's place in the first round's rank order |
 //! | `local_world_size` | – | this node's workers (set by `rdzv run`): members get global ranks |
 //! | `max_txn_ops` | `128` | etcd's `--max-txn-ops`: larger rank tables are written in chunks |
+//! | `peer_probe` | `true` | members hold a TCP connection to a peer and revoke its lease when its process dies (crashes noticed in milliseconds; see [`super::probe`]) |
 //!
 //! Without `password` or `password_file`, a `username` takes its password from the environment
 //! variable `RDZV_ETCD_PASSWORD`. Workers started by `rdzv run` never get the password.
@@ -124,6 +125,8 @@ pub struct RendezvousSettings {
     pub local_world_size: Option<u64>,
     /// Operations per transaction at most (etcd's `--max-txn-ops`).
     pub max_txn_ops: usize,
+    /// Whether members watch a peer's process for a crash (`peer_probe`).
+    pub peer_probe: bool,
     /// Minimum nodes per round.
     pub min_nodes: usize,
     /// Maximum nodes per round.
@@ -500,6 +503,7 @@ impl RendezvousSettings {
                 }
                 n => n as usize,
             },
+            peer_probe: params.get_bool_or("peer_probe", true)?,
             min_nodes: params.min_nodes,
             max_nodes: params.max_nodes,
         };

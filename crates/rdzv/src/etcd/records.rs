@@ -30,6 +30,9 @@ pub struct NodeRecord {
     /// finaliser then gives every member its first global rank.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_world_size: Option<u64>,
+    /// Where this node's peer probe listens (`host:port`; see [`super::probe`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
     /// Process id.
     pub pid: u32,
     /// Set when the node left after the round without failing (a one-shot member).
@@ -79,6 +82,20 @@ pub struct Assignment {
     /// The sum of the members' local world sizes (with `first_global_rank`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_world_size: Option<u64>,
+    /// The peer this member watches for a crash (its ring successor; see [`super::probe`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchedPeer>,
+}
+
+/// A member's ring successor, as the finaliser read its join record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchedPeer {
+    /// Its node id.
+    pub node_id: String,
+    /// Where its probe listens.
+    pub probe: String,
+    /// The lease its join record is bound to (revoked when its process dies).
+    pub lease: i64,
 }
 
 /// The last-call marker: the round completes `duration_ms` after it was written, with whoever
@@ -196,7 +213,15 @@ mod tests {
             token: "t".into(),
             first_global_rank: None,
             global_world_size: None,
+            watch: Some(WatchedPeer {
+                node_id: "n2".into(),
+                probe: "10.0.0.2:4242".into(),
+                lease: 7,
+            }),
         };
         assert_eq!(decode::<Assignment>(b"k", &encode(&a)).unwrap(), a);
+        // Records without the newer optional fields still decode.
+        let old = decode::<Assignment>(b"k", br#"{"v":2,"rank":1,"world_size":2,"token":"t"}"#);
+        assert_eq!(old.unwrap().watch, None);
     }
 }

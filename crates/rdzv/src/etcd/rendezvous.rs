@@ -78,6 +78,8 @@ pub struct EtcdRendezvousHandler {
     pub(super) events: broadcast::Sender<MembershipEvent>,
     pub(super) waiting: Arc<AtomicUsize>,
     pub(super) env: NodeEnv,
+    /// This node's peer probe listener (peers watch it for a crash), while the handler lives.
+    pub(super) probe_listener: Option<super::probe::ProbeListener>,
 }
 
 /// What this node remembers between rounds.
@@ -154,6 +156,27 @@ impl EtcdRendezvousHandler {
     ) -> Result<Self, RendezvousError> {
         params.validate()?;
         let keys = RunKeys::new(&settings.prefix, &params.run_id);
+        let mut node = node;
+        let probe_listener = match env.probe().filter(|_| settings.peer_probe) {
+            Some(probe) => {
+                let host = node
+                    .addrs
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "127.0.0.1".into());
+                match probe.listen(&host) {
+                    Ok(listener) => {
+                        node.probe = Some(listener.addr.clone());
+                        Some(listener)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no peer probe: a crash of this node is noticed when its lease expires");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let node_lease = KeptLease::grant(&client, settings.keep_alive_ttl_secs()).await?;
         let presence = Presence {
             node_id: &node.node_id,
@@ -177,6 +200,7 @@ impl EtcdRendezvousHandler {
             events: broadcast::channel(1024).0,
             waiting: Arc::new(AtomicUsize::new(0)),
             env,
+            probe_listener,
         })
     }
 
@@ -198,6 +222,11 @@ impl EtcdRendezvousHandler {
             .first()
             .cloned()
             .unwrap_or_else(|| "127.0.0.1".into())
+    }
+
+    /// Where this node's peer probe listens, if it has one (see [`super::probe`]).
+    pub fn probe_addr(&self) -> Option<&str> {
+        self.probe_listener.as_ref().map(|l| l.addr.as_str())
     }
 
     /// The client, with its request counters.
@@ -827,6 +856,10 @@ impl RendezvousHandler for EtcdRendezvousHandler {
                 events: self.events.clone(),
                 waiting: self.waiting.clone(),
                 lease_lost: self.node_lease.lock().await.lost_receiver(),
+                peer: result
+                    .watch
+                    .filter(|_| self.settings.peer_probe)
+                    .zip(self.env.probe().cloned()),
             }));
             let store = EtcdStore::new(
                 self.client.clone(),

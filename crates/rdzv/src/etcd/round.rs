@@ -32,6 +32,8 @@ pub(super) struct RoundResult {
     pub(super) rank: Option<usize>,
     /// This node's global ranks, if the finaliser gave them.
     pub(super) global: Option<crate::GlobalRanks>,
+    /// The peer this node watches for a crash, if the finaliser gave one.
+    pub(super) watch: Option<super::records::WatchedPeer>,
     /// The round to try next if this node has no rank (the open round, as far as known).
     pub(super) next_round: u64,
 }
@@ -199,10 +201,12 @@ impl EtcdRendezvousHandler {
                 let ours = assignment.filter(|a| a.token == record.token);
                 let rank = ours.as_ref().map(|a| a.rank);
                 let global = ours.as_ref().and_then(global_ranks);
+                let watch = ours.and_then(|a| a.watch);
                 return Ok(Step::Done(RoundResult {
                     record,
                     rank,
                     global,
+                    watch,
                     next_round: open.max(round + 1),
                 }));
             }

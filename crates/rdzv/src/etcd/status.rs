@@ -159,6 +159,7 @@ pub async fn read_status(
                     node_rank: None,
                     prev_rank: None,
                     local_world_size: None,
+                    probe: None,
                     pid: 0,
                     detached: false,
                     left: false,

@@ -1,0 +1,86 @@
+//! [`ProbeNet`]: the simulated peer probe (see `rdzv::etcd::probe`). A node's listener lives
+//! as long as its handler: a crashed node (its task aborted, its handler dropped) closes it,
+//! and every watcher learns it at once, as a kernel closes a dead process's sockets. A
+//! partitioned or stalled node closes nothing. The harness can also reset the connections to
+//! a live node ([`ProbeNet::reset`]): a false crash report, which must cost at most a restart.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use rdzv::etcd::probe::{PeerGone, PeerProbe, ProbeListener};
+use rdzv::RendezvousError;
+use tokio::sync::watch;
+
+use crate::world::lock;
+
+/// What watchers of one listener see: whether it is closed, and how often its connections
+/// were reset while it lived.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct LinkView {
+    closed: bool,
+    resets: u64,
+}
+
+/// Every node's probe listener, by address.
+#[derive(Debug, Default)]
+pub struct ProbeNet {
+    listeners: Mutex<BTreeMap<String, watch::Sender<LinkView>>>,
+}
+
+impl ProbeNet {
+    /// Resets every connection to the node listening at `addr` (it lives on): its watchers
+    /// take it for dead. Returns false if no live listener is there.
+    pub fn reset(&self, addr: &str) -> bool {
+        let listeners = lock(&self.listeners);
+        match listeners.get(addr) {
+            Some(tx) if !tx.borrow().closed => {
+                tx.send_modify(|v| v.resets += 1);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The probe of the node `name`.
+    pub fn probe_for(self: &Arc<Self>, name: &str) -> SimProbe {
+        SimProbe {
+            net: self.clone(),
+            name: name.to_string(),
+        }
+    }
+}
+
+/// One node's probe.
+#[derive(Debug)]
+pub struct SimProbe {
+    net: Arc<ProbeNet>,
+    name: String,
+}
+
+/// Closes the listener when dropped (the handler dropped: the node crashed or ended).
+struct Closer(watch::Sender<LinkView>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.send_modify(|v| v.closed = true);
+    }
+}
+
+impl PeerProbe for SimProbe {
+    fn listen(&self, _host: &str) -> Result<ProbeListener, RendezvousError> {
+        let addr = format!("probe:{}", self.name);
+        let (tx, _) = watch::channel(LinkView::default());
+        lock(&self.net.listeners).insert(addr.clone(), tx.clone());
+        Ok(ProbeListener::new(addr, Closer(tx)))
+    }
+
+    fn watch(&self, addr: &str) -> PeerGone {
+        let rx = lock(&self.net.listeners).get(addr).map(|tx| tx.subscribe());
+        Box::pin(async move {
+            // Unknown: nothing listens there (a refused connection).
+            let Some(mut rx) = rx else { return };
+            let start = rx.borrow().resets;
+            let _ = rx.wait_for(|v| v.closed || v.resets > start).await;
+        })
+    }
+}
