@@ -181,6 +181,12 @@ pub struct BenchArgs {
     /// Also time the phases of the measured round (join, finalise, notification).
     #[arg(long)]
     profile: bool,
+
+    /// Spread the participants over P child processes (this binary, re-executed), each
+    /// participant with its own etcd connection and lease, as real agents; only with the
+    /// `full` scenario. Default: all participants in this process.
+    #[arg(long, value_name = "P")]
+    processes: Option<usize>,
 }
 
 /// The longest duration a bench flag takes, in seconds ([`rdzv::MAX_TIMEOUT`]).
@@ -240,6 +246,9 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
     );
     if let Some(k) = args.connections {
         ensure!(k >= 1, "--connections must be at least 1");
+    }
+    if let Some(p) = args.processes {
+        processes::validate(p, args)?;
     }
     if let Some(t) = args.threads {
         ensure!(t >= 1, "--threads must be at least 1");
@@ -326,6 +335,10 @@ struct Ctx {
     profiler: Option<profile::Profiler>,
     progress: bool,
     seq: AtomicUsize,
+    /// `host:port` of the etcd this command started, whose `/metrics` it reads.
+    metrics_addr: Option<String>,
+    /// `--processes`.
+    processes: Option<usize>,
 }
 
 async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::Result<ExitCode> {
@@ -358,6 +371,8 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
         profiler,
         progress: !args.json && std::io::stderr().is_terminal(),
         seq: AtomicUsize::new(0),
+        metrics_addr: server.as_ref().map(EtcdServer::endpoint),
+        processes: args.processes,
     };
     let mut out = std::io::stdout().lock();
     if !args.json {
@@ -373,10 +388,14 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
         let threads = args
             .threads
             .map_or_else(|| "1/CPU".to_string(), |t| t.to_string());
+        let placement = match ctx.processes {
+            Some(p) => format!("participants in {p} child processes"),
+            None => "participants in this process".to_string(),
+        };
         writeln!(
             out,
-            "# rdzv bench: {etcd}; connections {}; ttl {} s; kill/leave last call {} s; \
-             runs {}; worker threads {threads}; {files}",
+            "# rdzv bench: {etcd}; {placement}; connections {}; ttl {} s; kill/leave last call \
+             {} s; runs {}; worker threads {threads}; {files}",
             ctx.connections
                 .map_or_else(|| "1 per node".to_string(), |k| k.to_string()),
             ctx.ttl,
@@ -409,6 +428,9 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
                         writeln!(out, "{}", table_row(&report))?;
                         if let Some(p) = &report.phases {
                             writeln!(out, "{}", phases_row(p))?;
+                        }
+                        if let Some(row) = counters_row(&report) {
+                            writeln!(out, "{row}")?;
                         }
                         if report.overloaded > 0 {
                             writeln!(
@@ -451,9 +473,14 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
 // ---------------------------------------------------------------------------------------------
 // Reports
 
+mod child;
+mod etcd_metrics;
+mod processes;
 mod profile;
 mod report;
 mod scenarios;
+
+pub use child::run_child;
 
 use report::*;
 use scenarios::*;
