@@ -32,7 +32,8 @@ enum Command {
     /// Close a run: every pending and later rendezvous of it fails.
     Close(cmd::close::CloseArgs),
     /// Measure what a rendezvous round costs as the job grows (time, etcd requests, CPU,
-    /// memory), with participants simulated in this process.
+    /// memory), with participants simulated in this process or (`--processes`) spread over
+    /// child processes.
     Bench(cmd::bench::BenchArgs),
     /// (Internal) one child process of `rdzv bench --processes`, directed on its standard
     /// input.

@@ -211,16 +211,73 @@ fn bench_processes_spread_the_participants_over_children() {
         assert!(num(etcd, key) >= at_least, "etcd_requests.{key}: {line}");
     }
     // Every child is gone once the line is printed.
+    check_children_gone(line, 3);
+}
+
+/// The child process ids of a `--processes` line, each checked gone.
+fn check_children_gone(line: &serde_json::Value, processes: usize) {
     let pids: Vec<u64> = line["child_pids"]
         .as_array()
         .unwrap_or_else(|| panic!("no child_pids: {line}"))
         .iter()
         .map(|p| p.as_u64().expect("a pid"))
         .collect();
-    assert_eq!(pids.len(), 3, "{line}");
+    assert_eq!(pids.len(), processes, "{line}");
     for pid in pids {
-        assert!(!child_alive(pid), "child {pid} outlived the bench");
+        assert!(!child_alive(pid), "child {pid} outlived the bench: {line}");
     }
+}
+
+#[test]
+fn bench_processes_reform_rounds_after_a_crash_a_leave_and_a_newcomer() {
+    let out = bench(&[
+        "--nodes",
+        "6",
+        "--processes",
+        "3",
+        "--scenario",
+        "kill,leave,scale-up",
+        "--ttl",
+        "2",
+        "--json",
+    ]);
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (line, (scenario, participants)) in
+        lines
+            .iter()
+            .zip([("kill", 5usize), ("leave", 5), ("scale-up", 6)])
+    {
+        assert_eq!(line["scenario"], scenario, "{line}");
+        assert_eq!(num(line, "round") as u64, 2, "{line}");
+        check_line(line, participants, 8.0);
+        assert_eq!(num(line, "processes") as usize, 3, "{line}");
+        let detect = num(line, "detect_max_s");
+        if scenario == "kill" {
+            // The killed process's lease (TTL 2 s) expires first.
+            assert!((1.0..10.0).contains(&detect), "detect_max_s: {line}");
+        } else {
+            assert!((0.0..5.0).contains(&detect), "detect_max_s: {line}");
+        }
+        assert!(
+            num(&line["etcd_requests"], "txn") >= participants as f64,
+            "{line}"
+        );
+        check_children_gone(line, 3);
+    }
+    // A graceful leave revokes its lease; a crash does not.
+    assert_eq!(
+        num(&lines[0]["etcd_requests"], "lease_revoke") as u64,
+        0,
+        "{}",
+        lines[0]
+    );
+    assert_eq!(
+        num(&lines[1]["etcd_requests"], "lease_revoke") as u64,
+        1,
+        "{}",
+        lines[1]
+    );
 }
 
 #[test]
@@ -274,6 +331,10 @@ fn bench_processes_bad_input_is_a_usage_error() {
         (
             &["--nodes", "4", "--processes", "2", "--scenario", "exit"],
             "--processes supports only",
+        ),
+        (
+            &["--nodes", "4", "--processes", "1", "--scenario", "kill"],
+            "needs at least 2 processes",
         ),
     ] {
         let out = bench(args);

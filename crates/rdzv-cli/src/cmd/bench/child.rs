@@ -3,7 +3,7 @@
 
 use tokio::sync::mpsc;
 
-use super::processes::{mono_ns, ChildMsg, ChildSpec, EXIT, GO};
+use super::processes::{mono_ns, ChildMsg, ChildSpec, Command};
 use super::*;
 
 /// Exit code of a child whose standard input closed before `exit`: its parent is gone.
@@ -41,7 +41,7 @@ fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
     std::thread::spawn(move || {
         for line in std::io::stdin().lines() {
             let Ok(line) = line else { break };
-            let exit = line.trim() == EXIT;
+            let exit = matches!(Command::parse(&line), Ok(Command::Exit));
             if tx.send(line).is_err() || exit {
                 return;
             }
@@ -62,14 +62,24 @@ fn say(msg: &ChildMsg) {
     }
 }
 
-/// Waits for the command `word`.
-async fn expect(commands: &mut mpsc::UnboundedReceiver<String>, word: &str) -> anyhow::Result<()> {
-    let line = commands
-        .recv()
-        .await
-        .with_context(|| format!("standard input ended before {word:?}"))?;
-    ensure!(line.trim() == word, "expected {word:?}, got {line:?}");
-    Ok(())
+/// Counters since the last `mark` or `settle`.
+struct Phase {
+    stats: StatsSnapshot,
+    cpu_s: f64,
+    rss_start_bytes: u64,
+    /// Participants ranked in it (each opens its watches after its round).
+    ranked: usize,
+}
+
+impl Phase {
+    fn start(clients: &[EtcdClient]) -> Self {
+        Self {
+            stats: sum_stats(clients),
+            cpu_s: process_cpu_s(),
+            rss_start_bytes: rss_bytes(),
+            ranked: 0,
+        }
+    }
 }
 
 async fn serve(
@@ -94,50 +104,85 @@ async fn serve(
     };
     let params = params_for(&ctx, &spec.run_id, spec.min, spec.max, spec.last_call)?;
     // One connection (and lease) per participant, as real agents.
-    let group = Group::create(&ctx, &params, spec.count, spec.count, "").await?;
+    let count = spec.nodes.len();
+    let group = Group::create(&ctx, &params, count, count, "").await?;
+    let handler = |node: usize| {
+        spec.nodes
+            .iter()
+            .position(|&n| n == node)
+            .map(|i| group.handlers[i].clone())
+            .with_context(|| format!("participant {node} is not in this process"))
+    };
     say(&ChildMsg::Ready {
         setup_s: group.setup_s,
         setup_requests: group.setup_requests,
     });
-    expect(commands, GO).await?;
-    let before = sum_stats(&group.clients);
-    reset_peak_rss();
-    let rss_start_bytes = rss_bytes();
-    let cpu_before = process_cpu_s();
-    let mut set = JoinSet::new();
-    for (i, h) in group.handlers.iter().enumerate() {
-        set.spawn(timed_round(spec.first + i, h.clone()));
-    }
-    let limit = ctx.round_timeout + Duration::from_secs(5);
-    tokio::time::timeout(limit, async {
-        while let Some(joined) = set.join_next().await {
-            let r = joined.context("a participant task panicked")??;
-            say(&ChildMsg::Ranked {
-                node: r.node,
-                start_ns: mono_ns(r.start),
-                end_ns: mono_ns(r.end),
-                rank: r.rank,
-                world_size: r.world_size,
-                round: r.round,
-            });
+    let mut phase = Phase::start(&group.clients);
+    let mut calls = JoinSet::new();
+    loop {
+        let line = tokio::select! {
+            Some(joined) = calls.join_next(), if !calls.is_empty() => {
+                let r: NodeResult = joined.context("a participant task panicked")??;
+                phase.ranked += 1;
+                say(&ChildMsg::Ranked {
+                    node: r.node,
+                    start_ns: mono_ns(r.start),
+                    end_ns: mono_ns(r.end),
+                    rank: r.rank,
+                    world_size: r.world_size,
+                    round: r.round,
+                });
+                continue;
+            }
+            line = commands.recv() => line.context("standard input ended")?,
+        };
+        match Command::parse(&line)? {
+            Command::Call(nodes) => {
+                let nodes = if nodes.is_empty() {
+                    spec.nodes.clone()
+                } else {
+                    nodes
+                };
+                for node in nodes {
+                    calls.spawn(timed_round(node, handler(node)?));
+                }
+            }
+            Command::React(kind) => {
+                for (&node, h) in spec.nodes.iter().zip(&group.handlers) {
+                    let events = h.subscribe().context("the etcd handler pushes no events")?;
+                    spawn_reaction(&mut calls, node, h.clone(), events, kind.wanted());
+                }
+                say(&ChildMsg::Armed);
+            }
+            Command::Settle => {
+                settle_watches(&group.clients, &phase.stats, 2 * phase.ranked as u64).await;
+                phase = Phase::start(&group.clients);
+                say(&ChildMsg::Settled);
+            }
+            Command::Mark => {
+                reset_peak_rss();
+                phase = Phase::start(&group.clients);
+                say(&ChildMsg::Marked);
+            }
+            Command::Stats => {
+                settle_watches(&group.clients, &phase.stats, 2 * phase.ranked as u64).await;
+                let used = sum_stats(&group.clients).since(&phase.stats);
+                say(&ChildMsg::Stats {
+                    requests: used.requests,
+                    watch_creates: used.watch_creates,
+                    watch_events: used.watch_events,
+                    keep_alives: used.keep_alives,
+                    overloaded: used.overloaded,
+                    cpu_s: process_cpu_s() - phase.cpu_s,
+                    rss_start_bytes: phase.rss_start_bytes,
+                    peak_rss_bytes: peak_rss_bytes(),
+                });
+            }
+            Command::Exit => {
+                calls.abort_all();
+                group.shutdown().await;
+                return Ok(());
+            }
         }
-        anyhow::Ok(())
-    })
-    .await
-    .with_context(|| format!("not all participants were ranked within {limit:?}"))??;
-    settle_watches(&group.clients, &before, 2 * spec.count as u64).await;
-    let used = sum_stats(&group.clients).since(&before);
-    say(&ChildMsg::Stats {
-        requests: used.requests,
-        watch_creates: used.watch_creates,
-        watch_events: used.watch_events,
-        keep_alives: used.keep_alives,
-        overloaded: used.overloaded,
-        cpu_s: process_cpu_s() - cpu_before,
-        rss_start_bytes,
-        peak_rss_bytes: peak_rss_bytes(),
-    });
-    expect(commands, EXIT).await?;
-    group.shutdown().await;
-    Ok(())
+    }
 }

@@ -2,8 +2,12 @@
 //!
 //! Every participant is a tokio task of this process with its own handler; by default each has
 //! its own etcd connection (`--connections K` shares K connections round-robin). All handlers
-//! are created first (64 at a time), then the measured calls start together. Per job size N and
-//! scenario, one line (a table row, or a JSON object with `--json`) reports:
+//! are created first (64 at a time), then the measured calls start together. With
+//! `--processes P` (scenarios `full`, `kill`, `leave`, `scale-up`) the participants are spread
+//! over P child processes instead, each participant with its own connection and lease as a real agent, so
+//! that the client side is not one process's artefact (see [`processes`] for how the parent
+//! directs the children and times their calls). Per job size N and scenario, one line (a table
+//! row, or a JSON object with `--json`) reports:
 //!
 //! - `wall_s`: from the first participant's call (`full`), or from the event that starts the
 //!   round (the crash, the leave, the newcomer's call) to the moment every participant has its
@@ -15,7 +19,21 @@
 //!   [`RequestStats`]; `requests` includes watch creations, not keep-alives);
 //! - `cpu_s`: user+system CPU of this process during the round, `etcd_cpu_s` that of the
 //!   etcd it started (absent with `--rdzv-endpoint`); `peak_rss_bytes`: this process's peak
-//!   resident set during the round (VmHWM, reset before the round where the kernel allows).
+//!   resident set during the round (VmHWM, reset before the round where the kernel allows);
+//! - `etcd_requests`: what the etcd this command started counted itself during the round, from
+//!   its `/metrics` (see [`etcd_metrics`]): `rpcs` (RPCs and streams started, all methods),
+//!   `range`, `txn`, `put`, `delete_range`, `lease_grant`, `lease_revoke`, `watch_streams`,
+//!   `watch_requests` and `keep_alive_requests` (messages on those streams),
+//!   `proposals_committed` (absent with `--rdzv-endpoint`). In the table, on a line below.
+//!
+//! With `--processes P`, the line also has `processes`, `child_pids` (all exited when the line
+//! is printed), and the client side's cost summed over the children of the measured round's
+//! participants: `cpu_s` (their CPU from just before the round, or the event, until all their
+//! participants are ranked), `peak_rss_bytes` (the sum of their peak resident sets over that
+//! time), and per participant `cpu_per_node_s` and `rss_per_node_bytes` (those sums divided by
+//! the participants, N or N-1 after a kill or leave, each process's runtime included). In
+//! `kill`, `leave` and `scale-up` the leaving or arriving node has a child process of its own
+//! (so P >= 2): `kill` kills that process (SIGKILL), `leave` tells it to leave and exit.
 //!
 //! Scenarios:
 //!
@@ -183,8 +201,10 @@ pub struct BenchArgs {
     profile: bool,
 
     /// Spread the participants over P child processes (this binary, re-executed), each
-    /// participant with its own etcd connection and lease, as real agents; only with the
-    /// `full` scenario. Default: all participants in this process.
+    /// participant with its own etcd connection and lease, as real agents (scenarios full,
+    /// kill, leave, scale-up; the leaving or arriving node of the last three has a process of
+    /// its own, and `kill` kills it). Adds per-node CPU and memory of the children. Default:
+    /// all participants in this process.
     #[arg(long, value_name = "P")]
     processes: Option<usize>,
 }

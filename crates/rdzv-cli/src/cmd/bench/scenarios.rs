@@ -273,11 +273,11 @@ pub(super) async fn measure(ctx: &Ctx, scenario: Scenario, n: usize) -> anyhow::
     if let Some(p) = &ctx.profiler {
         p.clear();
     }
+    if let Some(p) = ctx.processes {
+        return processes::measure(ctx, scenario, n, p).await;
+    }
     match scenario {
-        Scenario::Full => match ctx.processes {
-            Some(p) => processes::measure_full(ctx, n, p).await,
-            None => measure_full(ctx, n).await,
-        },
+        Scenario::Full => measure_full(ctx, n).await,
         Scenario::Kill => measure_departure(ctx, n, true).await,
         Scenario::Leave => measure_departure(ctx, n, false).await,
         Scenario::ScaleUp => measure_scale_up(ctx, n).await,
@@ -470,6 +470,22 @@ pub(super) async fn measure_one_round(
     result
 }
 
+/// What the survivors of a `kill` or `leave` react to, as a launcher does: a lost peer, or
+/// peers already waiting in the next round.
+pub(super) fn departure_event(ev: &MembershipEvent) -> bool {
+    matches!(
+        ev,
+        MembershipEvent::PeerLost { .. }
+            | MembershipEvent::PeerLeft { .. }
+            | MembershipEvent::NodesWaiting { waiting: 1.., .. }
+    )
+}
+
+/// What the members react to in `scale-up`: nodes waiting to join.
+pub(super) fn waiting_event(ev: &MembershipEvent) -> bool {
+    matches!(ev, MembershipEvent::NodesWaiting { waiting, .. } if *waiting > 0)
+}
+
 /// Waits for the first event `wanted` accepts, then calls `next_rendezvous`, timed from then.
 pub(super) fn spawn_reaction(
     set: &mut JoinSet<anyhow::Result<NodeResult>>,
@@ -634,15 +650,7 @@ pub(super) async fn departure_rounds(
     let mut set = JoinSet::new();
     for (i, h) in group.handlers.iter().enumerate() {
         let events = h.subscribe().context("the etcd handler pushes no events")?;
-        // As a launcher does: a lost peer, or peers already waiting in the next round.
-        spawn_reaction(&mut set, i, h.clone(), events, |ev| {
-            matches!(
-                ev,
-                MembershipEvent::PeerLost { .. }
-                    | MembershipEvent::PeerLeft { .. }
-                    | MembershipEvent::NodesWaiting { waiting: 1.., .. }
-            )
-        });
+        spawn_reaction(&mut set, i, h.clone(), events, departure_event);
     }
     // Steady state: etcd catches up watches opened at past revisions every 100 ms.
     tokio::time::sleep(QUIESCE).await;
@@ -711,13 +719,7 @@ pub(super) async fn measure_scale_up(ctx: &Ctx, n: usize) -> anyhow::Result<Repo
         let mut set = JoinSet::new();
         for (i, h) in group.handlers[..members].iter().enumerate() {
             let events = h.subscribe().context("the etcd handler pushes no events")?;
-            spawn_reaction(
-                &mut set,
-                i,
-                h.clone(),
-                events,
-                |ev| matches!(ev, MembershipEvent::NodesWaiting { waiting, .. } if *waiting > 0),
-            );
+            spawn_reaction(&mut set, i, h.clone(), events, waiting_event);
         }
         tokio::time::sleep(QUIESCE).await;
         if let Some(p) = &ctx.profiler {
