@@ -3,7 +3,7 @@
 
 use tokio::sync::mpsc;
 
-use super::processes::{mono_ns, ChildMsg, ChildSpec, Command};
+use super::protocol::{mono_ns, ChildMsg, ChildSpec, Command};
 use super::*;
 
 /// Exit code of a child whose standard input closed before `exit`: its parent is gone.

@@ -494,9 +494,11 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
 // Reports
 
 mod child;
+mod children;
 mod etcd_metrics;
 mod processes;
 mod profile;
+mod protocol;
 mod report;
 mod scenarios;
 
