@@ -32,8 +32,13 @@ enum Command {
     /// Close a run: every pending and later rendezvous of it fails.
     Close(cmd::close::CloseArgs),
     /// Measure what a rendezvous round costs as the job grows (time, etcd requests, CPU,
-    /// memory), with participants simulated in this process.
+    /// memory), with participants simulated in this process or (`--processes`) spread over
+    /// child processes.
     Bench(cmd::bench::BenchArgs),
+    /// (Internal) one child process of `rdzv bench --processes`, directed on its standard
+    /// input.
+    #[command(name = "bench-child", hide = true)]
+    BenchChild,
 }
 
 fn init_tracing() {
@@ -66,6 +71,7 @@ fn main() -> std::process::ExitCode {
             Command::Status(args) => cmd::status::run(args).await,
             Command::Close(args) => cmd::close::run(args).await,
             Command::Bench(args) => cmd::bench::run(args).await,
+            Command::BenchChild => cmd::bench::run_child().await,
         }
     });
     match result {

@@ -111,6 +111,10 @@ fn bench_full_rounds_one_json_line_per_size() {
         assert_eq!(num(line, "round") as u64, 1, "{line}");
         // join, ctl watch, assignment read, membership watch; plus the finaliser's few.
         check_line(line, n, 6.0);
+        assert!(
+            num(&line["etcd_requests"], "rpcs") >= n as f64,
+            "etcd's own count: {line}"
+        );
     }
 }
 
@@ -130,4 +134,212 @@ fn bench_leave_reforms_the_round_without_the_leaver() {
         (0.0..5.0).contains(&detect),
         "a leave is seen at once: {line}"
     );
+}
+
+/// Whether process `pid` is still a `rdzv bench-child` that has not exited (a zombie has).
+fn child_alive(pid: u64) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        .unwrap_or("");
+    String::from_utf8_lossy(&cmdline).contains("bench-child") && state != "Z"
+}
+
+/// The `rdzv bench-child` processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u64> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .filter(|&pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            ppid == Some(parent) && child_alive(pid)
+        })
+        .collect()
+}
+
+/// Polls `cond` every 20 ms until it holds (true) or `limit` passes (false).
+fn poll(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+#[test]
+fn bench_processes_spread_the_participants_over_children() {
+    let out = bench(&["--nodes", "16", "--processes", "3", "--json"]);
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["scenario"], "full", "{line}");
+    assert_eq!(num(line, "round") as u64, 1, "{line}");
+    // Ranks checked across the processes (else the line would be an error).
+    check_line(line, 16, 6.0);
+    assert_eq!(num(line, "processes") as usize, 3, "{line}");
+    assert_eq!(num(line, "connections") as usize, 16, "one each: {line}");
+    let rss_per_node = num(line, "rss_per_node_bytes");
+    assert!(
+        rss_per_node > 0.0 && (rss_per_node - num(line, "peak_rss_bytes") / 16.0).abs() <= 1.0,
+        "rss_per_node_bytes: {line}"
+    );
+    let cpu_per_node = num(line, "cpu_per_node_s");
+    assert!(
+        cpu_per_node > 0.0 && (cpu_per_node - num(line, "cpu_s") / 16.0).abs() < 1e-9,
+        "cpu_per_node_s: {line}"
+    );
+    // etcd's own counters: every participant joined (a Txn) and read its rank (a Range).
+    let etcd = &line["etcd_requests"];
+    for (key, at_least) in [
+        ("rpcs", 32.0),
+        ("txn", 16.0),
+        ("range", 16.0),
+        ("proposals_committed", 16.0),
+    ] {
+        assert!(num(etcd, key) >= at_least, "etcd_requests.{key}: {line}");
+    }
+    // Every child is gone once the line is printed.
+    check_children_gone(line, 3);
+}
+
+/// The child process ids of a `--processes` line, each checked gone.
+fn check_children_gone(line: &serde_json::Value, processes: usize) {
+    let pids: Vec<u64> = line["child_pids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no child_pids: {line}"))
+        .iter()
+        .map(|p| p.as_u64().expect("a pid"))
+        .collect();
+    assert_eq!(pids.len(), processes, "{line}");
+    for pid in pids {
+        assert!(!child_alive(pid), "child {pid} outlived the bench: {line}");
+    }
+}
+
+#[test]
+fn bench_processes_reform_rounds_after_a_crash_a_leave_and_a_newcomer() {
+    let out = bench(&[
+        "--nodes",
+        "6",
+        "--processes",
+        "3",
+        "--scenario",
+        "kill,leave,scale-up",
+        "--ttl",
+        "2",
+        "--json",
+    ]);
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (line, (scenario, participants)) in
+        lines
+            .iter()
+            .zip([("kill", 5usize), ("leave", 5), ("scale-up", 6)])
+    {
+        assert_eq!(line["scenario"], scenario, "{line}");
+        assert_eq!(num(line, "round") as u64, 2, "{line}");
+        check_line(line, participants, 8.0);
+        assert_eq!(num(line, "processes") as usize, 3, "{line}");
+        let detect = num(line, "detect_max_s");
+        if scenario == "kill" {
+            // The killed process's lease (TTL 2 s) expires first.
+            assert!((1.0..10.0).contains(&detect), "detect_max_s: {line}");
+        } else {
+            assert!((0.0..5.0).contains(&detect), "detect_max_s: {line}");
+        }
+        assert!(
+            num(&line["etcd_requests"], "txn") >= participants as f64,
+            "{line}"
+        );
+        check_children_gone(line, 3);
+    }
+    // A graceful leave revokes its lease; a crash does not.
+    assert_eq!(
+        num(&lines[0]["etcd_requests"], "lease_revoke") as u64,
+        0,
+        "{}",
+        lines[0]
+    );
+    assert_eq!(
+        num(&lines[1]["etcd_requests"], "lease_revoke") as u64,
+        1,
+        "{}",
+        lines[1]
+    );
+}
+
+#[test]
+fn bench_children_exit_with_their_parent() {
+    // An etcd that never answers (connections wait in the backlog): the children stay in
+    // their setup until their parent dies.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("cannot bind");
+    let endpoint = silent.local_addr().expect("no address").to_string();
+    let mut parent = Command::new(env!("CARGO_BIN_EXE_rdzv"))
+        .args(["bench", "--nodes", "4", "--processes", "2", "--json"])
+        .args(["--rdzv-endpoint", &endpoint])
+        .env("RDZV_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot run rdzv bench");
+    let pid = parent.id();
+    let mut children = Vec::new();
+    let found = poll(Duration::from_secs(30), || {
+        children = children_of(pid);
+        children.len() == 2
+    });
+    let _ = parent.kill();
+    let _ = parent.wait();
+    assert!(found, "the bench did not start 2 children: {children:?}");
+    assert!(
+        poll(Duration::from_secs(10), || children
+            .iter()
+            .all(|&c| !child_alive(c))),
+        "children {children:?} outlived their parent"
+    );
+}
+
+#[test]
+fn bench_processes_bad_input_is_a_usage_error() {
+    for (args, message) in [
+        (&["--processes", "0"][..], "--processes must be at least 1"),
+        (
+            &["--nodes", "2,8", "--processes", "3"],
+            "more than --nodes 2",
+        ),
+        (
+            &["--nodes", "4", "--processes", "2", "--connections", "2"],
+            "--connections",
+        ),
+        (
+            &["--nodes", "4", "--processes", "2", "--profile"],
+            "--profile",
+        ),
+        (
+            &["--nodes", "4", "--processes", "2", "--scenario", "exit"],
+            "--processes supports only",
+        ),
+        (
+            &["--nodes", "4", "--processes", "1", "--scenario", "kill"],
+            "needs at least 2 processes",
+        ),
+    ] {
+        let out = bench(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
 }

@@ -2,8 +2,12 @@
 //!
 //! Every participant is a tokio task of this process with its own handler; by default each has
 //! its own etcd connection (`--connections K` shares K connections round-robin). All handlers
-//! are created first (64 at a time), then the measured calls start together. Per job size N and
-//! scenario, one line (a table row, or a JSON object with `--json`) reports:
+//! are created first (64 at a time), then the measured calls start together. With
+//! `--processes P` (scenarios `full`, `kill`, `leave`, `scale-up`) the participants are spread
+//! over P child processes instead, each participant with its own connection and lease as a real agent, so
+//! that the client side is not one process's artefact (see [`processes`] for how the parent
+//! directs the children and times their calls). Per job size N and scenario, one line (a table
+//! row, or a JSON object with `--json`) reports:
 //!
 //! - `wall_s`: from the first participant's call (`full`), or from the event that starts the
 //!   round (the crash, the leave, the newcomer's call) to the moment every participant has its
@@ -15,7 +19,21 @@
 //!   [`RequestStats`]; `requests` includes watch creations, not keep-alives);
 //! - `cpu_s`: user+system CPU of this process during the round, `etcd_cpu_s` that of the
 //!   etcd it started (absent with `--rdzv-endpoint`); `peak_rss_bytes`: this process's peak
-//!   resident set during the round (VmHWM, reset before the round where the kernel allows).
+//!   resident set during the round (VmHWM, reset before the round where the kernel allows);
+//! - `etcd_requests`: what the etcd this command started counted itself during the round, from
+//!   its `/metrics` (see [`etcd_metrics`]): `rpcs` (RPCs and streams started, all methods),
+//!   `range`, `txn`, `put`, `delete_range`, `lease_grant`, `lease_revoke`, `watch_streams`,
+//!   `watch_requests` and `keep_alive_requests` (messages on those streams),
+//!   `proposals_committed` (absent with `--rdzv-endpoint`). In the table, on a line below.
+//!
+//! With `--processes P`, the line also has `processes`, `child_pids` (all exited when the line
+//! is printed), and the client side's cost summed over the children of the measured round's
+//! participants: `cpu_s` (their CPU from just before the round, or the event, until all their
+//! participants are ranked), `peak_rss_bytes` (the sum of their peak resident sets over that
+//! time), and per participant `cpu_per_node_s` and `rss_per_node_bytes` (those sums divided by
+//! the participants, N or N-1 after a kill or leave, each process's runtime included). In
+//! `kill`, `leave` and `scale-up` the leaving or arriving node has a child process of its own
+//! (so P >= 2): `kill` kills that process (SIGKILL), `leave` tells it to leave and exit.
 //!
 //! Scenarios:
 //!
@@ -181,6 +199,14 @@ pub struct BenchArgs {
     /// Also time the phases of the measured round (join, finalise, notification).
     #[arg(long)]
     profile: bool,
+
+    /// Spread the participants over P child processes (this binary, re-executed), each
+    /// participant with its own etcd connection and lease, as real agents (scenarios full,
+    /// kill, leave, scale-up; the leaving or arriving node of the last three has a process of
+    /// its own, and `kill` kills it). Adds per-node CPU and memory of the children. Default:
+    /// all participants in this process.
+    #[arg(long, value_name = "P")]
+    processes: Option<usize>,
 }
 
 /// The longest duration a bench flag takes, in seconds ([`rdzv::MAX_TIMEOUT`]).
@@ -240,6 +266,9 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
     );
     if let Some(k) = args.connections {
         ensure!(k >= 1, "--connections must be at least 1");
+    }
+    if let Some(p) = args.processes {
+        processes::validate(p, args)?;
     }
     if let Some(t) = args.threads {
         ensure!(t >= 1, "--threads must be at least 1");
@@ -326,6 +355,10 @@ struct Ctx {
     profiler: Option<profile::Profiler>,
     progress: bool,
     seq: AtomicUsize,
+    /// `host:port` of the etcd this command started, whose `/metrics` it reads.
+    metrics_addr: Option<String>,
+    /// `--processes`.
+    processes: Option<usize>,
 }
 
 async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::Result<ExitCode> {
@@ -358,6 +391,8 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
         profiler,
         progress: !args.json && std::io::stderr().is_terminal(),
         seq: AtomicUsize::new(0),
+        metrics_addr: server.as_ref().map(EtcdServer::endpoint),
+        processes: args.processes,
     };
     let mut out = std::io::stdout().lock();
     if !args.json {
@@ -373,10 +408,14 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
         let threads = args
             .threads
             .map_or_else(|| "1/CPU".to_string(), |t| t.to_string());
+        let placement = match ctx.processes {
+            Some(p) => format!("participants in {p} child processes"),
+            None => "participants in this process".to_string(),
+        };
         writeln!(
             out,
-            "# rdzv bench: {etcd}; connections {}; ttl {} s; kill/leave last call {} s; \
-             runs {}; worker threads {threads}; {files}",
+            "# rdzv bench: {etcd}; {placement}; connections {}; ttl {} s; kill/leave last call \
+             {} s; runs {}; worker threads {threads}; {files}",
             ctx.connections
                 .map_or_else(|| "1 per node".to_string(), |k| k.to_string()),
             ctx.ttl,
@@ -409,6 +448,9 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
                         writeln!(out, "{}", table_row(&report))?;
                         if let Some(p) = &report.phases {
                             writeln!(out, "{}", phases_row(p))?;
+                        }
+                        if let Some(row) = counters_row(&report) {
+                            writeln!(out, "{row}")?;
                         }
                         if report.overloaded > 0 {
                             writeln!(
@@ -451,9 +493,16 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
 // ---------------------------------------------------------------------------------------------
 // Reports
 
+mod child;
+mod children;
+mod etcd_metrics;
+mod processes;
 mod profile;
+mod protocol;
 mod report;
 mod scenarios;
+
+pub use child::run_child;
 
 use report::*;
 use scenarios::*;

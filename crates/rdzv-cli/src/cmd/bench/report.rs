@@ -1,5 +1,8 @@
 //! Results of one measurement: the report line, medians, and the process's CPU and memory.
 
+use std::collections::BTreeMap;
+
+use super::etcd_metrics::EtcdCounters;
 use super::*;
 
 /// One line of output.
@@ -45,6 +48,21 @@ pub(super) struct Report {
     pub(super) setup_s: f64,
     pub(super) setup_requests: u64,
     pub(super) phases: Option<profile::Phases>,
+    /// What the etcd this command started counted during the round (its `/metrics`; see
+    /// [`EtcdCounters::since`]); absent with `--rdzv-endpoint` or when unreadable.
+    pub(super) etcd_requests: Option<BTreeMap<String, u64>>,
+    /// `--processes`: the child processes the participants ran in (absent: this process).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) processes: Option<usize>,
+    /// `--processes`: the children's process ids (all gone when the line is printed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) child_pids: Option<Vec<u32>>,
+    /// `--processes`: the children's CPU during the round (`cpu_s`) per node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) cpu_per_node_s: Option<f64>,
+    /// `--processes`: the sum of the children's peak resident sets (`peak_rss_bytes`) per node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) rss_per_node_bytes: Option<u64>,
 }
 
 pub(super) fn table_header() -> String {
@@ -109,6 +127,38 @@ pub(super) fn phases_row(p: &profile::Phases) -> String {
     )
 }
 
+/// The line under a row with etcd's counters and, with `--processes`, the per-node costs.
+pub(super) fn counters_row(r: &Report) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(p) = r.processes {
+        parts.push(format!(
+            "{p} processes: per node {:.1} MiB peak RSS, {:.1} ms CPU",
+            r.rss_per_node_bytes.unwrap_or(0) as f64 / (1024.0 * 1024.0),
+            r.cpu_per_node_s.unwrap_or(f64::NAN) * 1e3,
+        ));
+    }
+    if let Some(e) = &r.etcd_requests {
+        let get = |k: &str| e.get(k).copied().unwrap_or(0);
+        parts.push(format!(
+            "etcd counted {} RPCs (Range {}, Txn {}, Put {}, DeleteRange {}, LeaseGrant {}, \
+             LeaseRevoke {}, Watch streams {}), {} watch and {} keep-alive requests, \
+             {} proposals committed",
+            get("rpcs"),
+            get("range"),
+            get("txn"),
+            get("put"),
+            get("delete_range"),
+            get("lease_grant"),
+            get("lease_revoke"),
+            get("watch_streams"),
+            get("watch_requests"),
+            get("keep_alive_requests"),
+            get("proposals_committed"),
+        ));
+    }
+    (!parts.is_empty()).then(|| format!("  {}", parts.join("; ")))
+}
+
 pub(super) fn median_f64(mut values: Vec<f64>) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -162,11 +212,36 @@ pub(super) fn median_report(reports: Vec<Report>) -> Report {
     out.rss_start_bytes = u(|r| r.rss_start_bytes);
     out.setup_s = f(|r| r.setup_s);
     out.setup_requests = u(|r| r.setup_requests);
+    out.cpu_per_node_s = o(|r| r.cpu_per_node_s);
+    let per_node_rss: Vec<u64> = reports
+        .iter()
+        .filter_map(|r| r.rss_per_node_bytes)
+        .collect();
+    out.rss_per_node_bytes = (!per_node_rss.is_empty()).then(|| median_u64(per_node_rss));
+    out.etcd_requests = median_counters(reports.iter().filter_map(|r| r.etcd_requests.as_ref()));
     // Phases: those of the run with the median wall time.
     let mut by_wall: Vec<&Report> = reports.iter().collect();
     by_wall.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
     out.phases = by_wall[by_wall.len() / 2].phases.clone();
     out
+}
+
+/// Per-key medians of counter maps (`None` when there are none).
+pub(super) fn median_counters<'a>(
+    maps: impl Iterator<Item = &'a BTreeMap<String, u64>>,
+) -> Option<BTreeMap<String, u64>> {
+    let mut values: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for map in maps {
+        for (k, &v) in map {
+            values.entry(k.clone()).or_default().push(v);
+        }
+    }
+    (!values.is_empty()).then(|| {
+        values
+            .into_iter()
+            .map(|(k, v)| (k, median_u64(v)))
+            .collect()
+    })
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -244,20 +319,45 @@ pub(super) struct Usage {
     pub(super) rss: u64,
     pub(super) cpu_s: f64,
     pub(super) etcd_cpu_s: Option<f64>,
+    pub(super) etcd_counters: Option<EtcdCounters>,
     pub(super) at: Instant,
 }
 
 impl Usage {
-    pub(super) fn start(ctx: &Ctx, clients: &[EtcdClient]) -> Self {
+    pub(super) async fn start(ctx: &Ctx, clients: &[EtcdClient]) -> Self {
+        let etcd_counters = etcd_counters(ctx).await;
         reset_peak_rss();
         Self {
             rss: rss_bytes(),
             stats: sum_stats(clients),
             cpu_s: process_cpu_s(),
             etcd_cpu_s: ctx.etcd_pid.and_then(pid_cpu_s),
+            etcd_counters,
             at: Instant::now(),
         }
     }
+}
+
+/// The counters of the etcd this command started (`None` for another, or when unreadable:
+/// then a warning).
+pub(super) async fn etcd_counters(ctx: &Ctx) -> Option<EtcdCounters> {
+    let addr = ctx.metrics_addr.as_deref()?;
+    match EtcdCounters::fetch(addr).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("cannot read etcd's counters: {e:#}");
+            None
+        }
+    }
+}
+
+/// etcd's counts since `before` (both read), as a report field.
+pub(super) async fn etcd_requests_since(
+    ctx: &Ctx,
+    before: Option<&EtcdCounters>,
+) -> Option<BTreeMap<String, u64>> {
+    let before = before?;
+    Some(etcd_counters(ctx).await?.since(before))
 }
 
 pub(super) fn sum_stats(clients: &[EtcdClient]) -> StatsSnapshot {

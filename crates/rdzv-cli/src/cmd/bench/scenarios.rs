@@ -273,6 +273,9 @@ pub(super) async fn measure(ctx: &Ctx, scenario: Scenario, n: usize) -> anyhow::
     if let Some(p) = &ctx.profiler {
         p.clear();
     }
+    if let Some(p) = ctx.processes {
+        return processes::measure(ctx, scenario, n, p).await;
+    }
     match scenario {
         Scenario::Full => measure_full(ctx, n).await,
         Scenario::Kill => measure_departure(ctx, n, true).await,
@@ -323,31 +326,11 @@ impl Measured<'_> {
             _ => None,
         };
         let peak_rss = peak_rss_bytes();
-        let first_start = self
-            .results
-            .iter()
-            .map(|r| r.start)
-            .min()
-            .unwrap_or(self.usage.at);
-        let origin = self.trigger.unwrap_or(first_start);
-        let last_start = self.results.iter().map(|r| r.start).max().unwrap_or(origin);
-        let last_end = self.results.iter().map(|r| r.end).max().unwrap_or(origin);
-        let mut latencies: Vec<f64> = self
-            .results
-            .iter()
-            .map(|r| (r.end - r.start).as_secs_f64())
-            .collect();
-        latencies.sort_by(f64::total_cmp);
-        let mut detect: Vec<f64> = self
-            .reacting
-            .iter()
-            .filter_map(|&i| self.results.iter().find(|r| r.node == i))
-            .map(|r| r.start.saturating_duration_since(origin).as_secs_f64())
-            .collect();
-        detect.sort_by(f64::total_cmp);
+        let etcd_requests = etcd_requests_since(self.ctx, self.usage.etcd_counters.as_ref()).await;
+        let t = Timing::of(&self.results, self.trigger, self.usage.at, &self.reacting);
         let phases = self.ctx.profiler.as_ref().and_then(|p| {
             self.results.sort_by_key(|r| r.node);
-            p.phases(round, origin, &self.results)
+            p.phases(round, t.origin, &self.results)
         });
         Ok(Report {
             nodes: self.n,
@@ -359,13 +342,13 @@ impl Measured<'_> {
             ttl_s: self.ctx.ttl,
             last_call_s: self.last_call_s,
             round,
-            wall_s: (last_end - origin).as_secs_f64(),
-            last_join_to_ranked_s: last_end.saturating_duration_since(last_start).as_secs_f64(),
-            p50_s: percentile(&latencies, 50.0),
-            p99_s: percentile(&latencies, 99.0),
-            max_s: latencies.last().copied().unwrap_or(f64::NAN),
-            detect_p50_s: (!detect.is_empty()).then(|| percentile(&detect, 50.0)),
-            detect_max_s: detect.last().copied(),
+            wall_s: t.wall_s,
+            last_join_to_ranked_s: t.last_join_to_ranked_s,
+            p50_s: t.p50_s,
+            p99_s: t.p99_s,
+            max_s: t.max_s,
+            detect_p50_s: t.detect_p50_s,
+            detect_max_s: t.detect_max_s,
             requests: used.requests,
             requests_per_node: used.requests as f64 / participants as f64,
             watch_creates: used.watch_creates,
@@ -379,7 +362,62 @@ impl Measured<'_> {
             setup_s: self.group.setup_s,
             setup_requests: self.group.setup_requests,
             phases,
+            etcd_requests,
+            processes: None,
+            child_pids: None,
+            cpu_per_node_s: None,
+            rss_per_node_bytes: None,
         })
+    }
+}
+
+/// The times of a measured round.
+pub(super) struct Timing {
+    /// Where `wall_s` starts: the trigger, or the first participant's call.
+    pub(super) origin: Instant,
+    pub(super) wall_s: f64,
+    pub(super) last_join_to_ranked_s: f64,
+    pub(super) p50_s: f64,
+    pub(super) p99_s: f64,
+    pub(super) max_s: f64,
+    pub(super) detect_p50_s: Option<f64>,
+    pub(super) detect_max_s: Option<f64>,
+}
+
+impl Timing {
+    /// The times of `results`, from `trigger` (`None`: from the first call; `fallback` when
+    /// there is none); `reacting`: the participants whose call is their detection.
+    pub(super) fn of(
+        results: &[NodeResult],
+        trigger: Option<Instant>,
+        fallback: Instant,
+        reacting: &[usize],
+    ) -> Self {
+        let first_start = results.iter().map(|r| r.start).min().unwrap_or(fallback);
+        let origin = trigger.unwrap_or(first_start);
+        let last_start = results.iter().map(|r| r.start).max().unwrap_or(origin);
+        let last_end = results.iter().map(|r| r.end).max().unwrap_or(origin);
+        let mut latencies: Vec<f64> = results
+            .iter()
+            .map(|r| (r.end - r.start).as_secs_f64())
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        let mut detect: Vec<f64> = reacting
+            .iter()
+            .filter_map(|&i| results.iter().find(|r| r.node == i))
+            .map(|r| r.start.saturating_duration_since(origin).as_secs_f64())
+            .collect();
+        detect.sort_by(f64::total_cmp);
+        Self {
+            origin,
+            wall_s: last_end.saturating_duration_since(origin).as_secs_f64(),
+            last_join_to_ranked_s: last_end.saturating_duration_since(last_start).as_secs_f64(),
+            p50_s: percentile(&latencies, 50.0),
+            p99_s: percentile(&latencies, 99.0),
+            max_s: latencies.last().copied().unwrap_or(f64::NAN),
+            detect_p50_s: (!detect.is_empty()).then(|| percentile(&detect, 50.0)),
+            detect_max_s: detect.last().copied(),
+        }
     }
 }
 
@@ -409,7 +447,7 @@ pub(super) async fn measure_one_round(
         let mut set = spawn_at_signal(&group.handlers, &go);
         // Let every task reach the barrier.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let usage = Usage::start(ctx, &group.clients);
+        let usage = Usage::start(ctx, &group.clients).await;
         go_tx.send(true).context("no participant waits")?;
         let bar = progress_bar(ctx, n, &format!("{name} N={n}: ranked"));
         let results = collect(&mut set, ctx.round_timeout + Duration::from_secs(5), &bar).await?;
@@ -430,6 +468,22 @@ pub(super) async fn measure_one_round(
     .await;
     group.shutdown().await;
     result
+}
+
+/// What the survivors of a `kill` or `leave` react to, as a launcher does: a lost peer, or
+/// peers already waiting in the next round.
+pub(super) fn departure_event(ev: &MembershipEvent) -> bool {
+    matches!(
+        ev,
+        MembershipEvent::PeerLost { .. }
+            | MembershipEvent::PeerLeft { .. }
+            | MembershipEvent::NodesWaiting { waiting: 1.., .. }
+    )
+}
+
+/// What the members react to in `scale-up`: nodes waiting to join.
+pub(super) fn waiting_event(ev: &MembershipEvent) -> bool {
+    matches!(ev, MembershipEvent::NodesWaiting { waiting, .. } if *waiting > 0)
 }
 
 /// Waits for the first event `wanted` accepts, then calls `next_rendezvous`, timed from then.
@@ -596,22 +650,14 @@ pub(super) async fn departure_rounds(
     let mut set = JoinSet::new();
     for (i, h) in group.handlers.iter().enumerate() {
         let events = h.subscribe().context("the etcd handler pushes no events")?;
-        // As a launcher does: a lost peer, or peers already waiting in the next round.
-        spawn_reaction(&mut set, i, h.clone(), events, |ev| {
-            matches!(
-                ev,
-                MembershipEvent::PeerLost { .. }
-                    | MembershipEvent::PeerLeft { .. }
-                    | MembershipEvent::NodesWaiting { waiting: 1.., .. }
-            )
-        });
+        spawn_reaction(&mut set, i, h.clone(), events, departure_event);
     }
     // Steady state: etcd catches up watches opened at past revisions every 100 ms.
     tokio::time::sleep(QUIESCE).await;
     if let Some(p) = &ctx.profiler {
         p.clear();
     }
-    let usage = Usage::start(ctx, &group.clients);
+    let usage = Usage::start(ctx, &group.clients).await;
     let trigger = Instant::now();
     if !crash {
         let v = victim.clone();
@@ -673,19 +719,13 @@ pub(super) async fn measure_scale_up(ctx: &Ctx, n: usize) -> anyhow::Result<Repo
         let mut set = JoinSet::new();
         for (i, h) in group.handlers[..members].iter().enumerate() {
             let events = h.subscribe().context("the etcd handler pushes no events")?;
-            spawn_reaction(
-                &mut set,
-                i,
-                h.clone(),
-                events,
-                |ev| matches!(ev, MembershipEvent::NodesWaiting { waiting, .. } if *waiting > 0),
-            );
+            spawn_reaction(&mut set, i, h.clone(), events, waiting_event);
         }
         tokio::time::sleep(QUIESCE).await;
         if let Some(p) = &ctx.profiler {
             p.clear();
         }
-        let usage = Usage::start(ctx, &group.clients);
+        let usage = Usage::start(ctx, &group.clients).await;
         let trigger = Instant::now();
         set.spawn(timed_round(members, group.handlers[members].clone()));
         let bar = progress_bar(ctx, n, &format!("scale-up N={n}: ranked"));
@@ -726,7 +766,7 @@ pub(super) async fn measure_exit(ctx: &Ctx, n: usize) -> anyhow::Result<Report> 
         check_ranks(&round, n).context("the round")?;
         settle_watches(&group.clients, &before_round, 2 * n as u64).await;
         tokio::time::sleep(QUIESCE).await;
-        let usage = Usage::start(ctx, &group.clients);
+        let usage = Usage::start(ctx, &group.clients).await;
         let trigger = Instant::now();
         let mut detaching = JoinSet::new();
         for (i, h) in group.handlers.iter().enumerate() {
