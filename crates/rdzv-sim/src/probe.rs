@@ -19,6 +19,7 @@ use crate::world::lock;
 struct LinkView {
     closed: bool,
     resets: u64,
+    farewell: bool,
 }
 
 /// Every node's probe listener, by address.
@@ -67,20 +68,39 @@ impl Drop for Closer {
 }
 
 impl PeerProbe for SimProbe {
-    fn listen(&self, _host: &str) -> Result<ProbeListener, RendezvousError> {
+    fn listen(&self, _host: &str, _node_id: &str) -> Result<ProbeListener, RendezvousError> {
         let addr = format!("probe:{}", self.name);
         let (tx, _) = watch::channel(LinkView::default());
         lock(&self.net.listeners).insert(addr.clone(), tx.clone());
-        Ok(ProbeListener::new(addr, Closer(tx)))
+        // The farewell reaches the watchers through the listener's view.
+        let (bye, mut bye_rx) = watch::channel(false);
+        let view = tx.clone();
+        tokio::spawn(async move {
+            if bye_rx.wait_for(|b| *b).await.is_ok() {
+                view.send_modify(|v| v.farewell = true);
+            }
+        });
+        Ok(ProbeListener::new(addr, Closer(tx)).with_farewell(bye))
     }
 
-    fn watch(&self, addr: &str) -> PeerGone {
+    fn watch(&self, addr: &str, _node_id: &str) -> PeerGone {
         let rx = lock(&self.net.listeners).get(addr).map(|tx| tx.subscribe());
         Box::pin(async move {
-            // Unknown: nothing listens there (a refused connection).
-            let Some(mut rx) = rx else { return };
+            // Unknown: nothing listens there (a refused connection): the lease decides.
+            let Some(mut rx) = rx else {
+                return std::future::pending().await;
+            };
             let start = rx.borrow().resets;
-            let _ = rx.wait_for(|v| v.closed || v.resets > start).await;
+            let seen = rx
+                .wait_for(|v| v.farewell || v.closed || v.resets > start)
+                .await
+                .map(|v| *v);
+            if let Ok(v) = seen {
+                if v.farewell && v.resets == start {
+                    // It left gracefully: nothing to report.
+                    std::future::pending::<()>().await;
+                }
+            }
         })
     }
 }

@@ -180,11 +180,54 @@ async fn nodes_beyond_max_wait_for_the_next_round() {
     assert_permutation(done.iter().map(|i| i.rank).collect(), 3);
 }
 
+/// Issue 13: with the peer probe, a member whose process is gone (its handler dropped without
+/// leaving: its probe connections close) is reported at once by the member watching it,
+/// long before its 60 s lease would expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_member_is_reported_at_once_by_its_peer_probe() {
+    let etcd = etcd().await;
+    let run = run_id();
+    let p = params(&etcd.endpoint(), &run, 2, 2).with_config("keep_alive_ttl", "60");
+    let (a, b) = (handler(&p).await, handler(&p).await);
+    assert!(a.probe_addr().is_some() && b.probe_addr().is_some());
+    rendezvous_all(&[a.clone(), b.clone()]).await;
+    let mut ev = a.subscribe().unwrap();
+    let b_id = b.node_id().to_string();
+    // A peer that dies before its watcher has connected is left to its lease: wait until
+    // `a` watches `b`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.probe_watchers() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nobody watches b's process 10 s after the round"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(b);
+    let lost = wait_event(
+        &mut ev,
+        Duration::from_secs(10),
+        "PeerLost from the peer probe (the lease TTL is 60 s)",
+        |e| matches!(e, MembershipEvent::PeerLost { .. }),
+    )
+    .await;
+    assert_eq!(
+        lost,
+        MembershipEvent::PeerLost {
+            round: 1,
+            node_id: b_id
+        }
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_member_is_reported_within_its_lease_ttl() {
     let etcd = etcd().await;
     let run = run_id();
-    let p = params(&etcd.endpoint(), &run, 2, 2).with_config("keep_alive_ttl", "2");
+    // Without the peer probe: the lease alone (a frozen process, a lost host).
+    let p = params(&etcd.endpoint(), &run, 2, 2)
+        .with_config("keep_alive_ttl", "2")
+        .with_config("peer_probe", "false");
     let (a, b) = (handler(&p).await, handler(&p).await);
     rendezvous_all(&[a.clone(), b.clone()]).await;
     let mut ev = a.subscribe().unwrap();

@@ -80,7 +80,8 @@ async fn watch_peer(
     round: u64,
 ) {
     if let Some((peer, probe)) = peer {
-        probe.watch(&peer.probe).await;
+        tracing::debug!(round, peer = %peer.node_id, addr = %peer.probe, "watching the peer's process");
+        probe.watch(&peer.probe, &peer.node_id).await;
         tracing::info!(
             round,
             peer = %peer.node_id,

@@ -5,11 +5,17 @@
 //! and holds the connections peers open to it, without ever writing to them. When the
 //! finaliser completes a round, it gives each member its ring successor (the member of the
 //! next rank) to watch, in the member's assignment: no extra request. After the round, a
-//! member connects to its successor and waits ([`PeerProbe::watch`]). When the successor's
-//! process dies — a crash, SIGKILL, an OOM kill — its kernel closes the connection at once
-//! (EOF or reset; a refused connection means the same), and the watcher **revokes the
-//! successor's lease**: etcd deletes its join record and every member's membership watch
-//! reports `PeerLost`, as after a lease expiry, but within a round trip.
+//! member connects to its successor, checks the greeting the successor's listener sends (its
+//! node id: the connection reached the right process, not whatever answers at a wrong or
+//! reused address), and waits ([`PeerProbe::watch`]). When the successor's process dies — a
+//! crash, SIGKILL, an OOM kill — its kernel closes the connection at once (EOF or reset), and
+//! the watcher **revokes the successor's lease**: etcd deletes its join record and every
+//! member's membership watch reports `PeerLost`, as after a lease expiry, but within a round
+//! trip. A node that leaves gracefully says goodbye on its connections first
+//! ([`ProbeListener::farewell`]), so that its watchers stop without revoking anything.
+//! Nothing else counts as a death: a refused or unanswered connection, or one that
+//! never greets, is retried (a router answering for a wrong address refuses too), and a
+//! peer that dies before its watcher connected is noticed by its lease.
 //!
 //! The lease stays the ground truth: a frozen process (SIGSTOP), a lost host or a partition
 //! close nothing, and are noticed when the lease expires, as before. A false report (a
@@ -21,9 +27,11 @@
 use std::fmt::Debug;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
@@ -36,6 +44,8 @@ pub type PeerGone = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 pub struct ProbeListener {
     /// Where peers connect (`host:port`).
     pub addr: String,
+    watchers: Arc<AtomicUsize>,
+    farewell: tokio::sync::watch::Sender<bool>,
     _guard: Box<dyn Send + Sync>,
 }
 
@@ -44,8 +54,33 @@ impl ProbeListener {
     pub fn new(addr: String, guard: impl Send + Sync + 'static) -> Self {
         Self {
             addr,
+            watchers: Arc::default(),
+            farewell: tokio::sync::watch::channel(false).0,
             _guard: Box::new(guard),
         }
+    }
+
+    /// With the sender the listener's connections hear [`ProbeListener::farewell`] from.
+    pub fn with_farewell(mut self, farewell: tokio::sync::watch::Sender<bool>) -> Self {
+        self.farewell = farewell;
+        self
+    }
+
+    /// This node leaves gracefully: its watchers are told so and stop watching, so that
+    /// the end of its connections is not taken for a crash.
+    pub fn farewell(&self) {
+        self.farewell.send_replace(true);
+    }
+
+    /// With a count of the peers watching now, kept by the listener.
+    pub fn with_watchers(mut self, watchers: Arc<AtomicUsize>) -> Self {
+        self.watchers = watchers;
+        self
+    }
+
+    /// How many peers hold a greeted connection to this listener now.
+    pub fn watchers(&self) -> usize {
+        self.watchers.load(Ordering::Relaxed)
     }
 }
 
@@ -60,28 +95,34 @@ impl Debug for ProbeListener {
 /// How nodes learn that a peer's process died (TCP on real machines, in memory in the
 /// simulator).
 pub trait PeerProbe: Send + Sync + Debug {
-    /// Starts listening on `host` (this node's advertised address).
+    /// Starts listening on `host` (this node's advertised address) as node `node_id`.
     ///
     /// # Errors
     /// [`RendezvousError::Connection`] if no port can be bound.
-    fn listen(&self, host: &str) -> Result<ProbeListener, RendezvousError>;
+    fn listen(&self, host: &str, node_id: &str) -> Result<ProbeListener, RendezvousError>;
 
-    /// Resolves once the peer listening at `addr` is known dead: its connection ended or
-    /// was refused. Pending for as long as the peer is merely unreachable or slow (the lease
-    /// decides then). Cancel safe: drop it to stop watching.
-    fn watch(&self, addr: &str) -> PeerGone;
+    /// Resolves once the peer `node_id` listening at `addr` is known dead: a connection to
+    /// it, greeted by it, ended. Pending for as long as the peer is unreachable, slow, or
+    /// not the one at that address (the lease decides then). Cancel safe: drop it to stop
+    /// watching.
+    fn watch(&self, addr: &str, node_id: &str) -> PeerGone;
 }
 
 /// The TCP probe of real processes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TcpProbe;
 
-/// Bound on one connection attempt; an unanswered attempt (a partition, a firewall) is
-/// retried, never taken for a death.
+/// Bound on one connection attempt and on its greeting; an unanswered attempt (a
+/// partition, a firewall) is retried, never taken for a death.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The greeting a listener sends to each connection: `rdzv-probe <node id>\n`.
+fn greeting(node_id: &str) -> Vec<u8> {
+    format!("rdzv-probe {node_id}\n").into_bytes()
+}
+
 impl PeerProbe for TcpProbe {
-    fn listen(&self, host: &str) -> Result<ProbeListener, RendezvousError> {
+    fn listen(&self, host: &str, node_id: &str) -> Result<ProbeListener, RendezvousError> {
         let bind = |host: &str| -> std::io::Result<std::net::TcpListener> {
             let ip: std::net::IpAddr = host
                 .parse()
@@ -99,35 +140,43 @@ impl PeerProbe for TcpProbe {
             .port();
         let listener = TcpListener::from_std(std_listener)
             .map_err(|e| RendezvousError::Connection(format!("peer probe: {e}")))?;
-        let task = tokio::spawn(hold_connections(listener));
+        let watchers = Arc::new(AtomicUsize::new(0));
+        let (farewell, farewell_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(hold_connections(
+            listener,
+            greeting(node_id),
+            watchers.clone(),
+            farewell_rx,
+        ));
         let addr = match host.parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
             _ => format!("{host}:{port}"),
         };
-        Ok(ProbeListener::new(addr, AbortOnDrop(task)))
+        Ok(ProbeListener::new(addr, AbortOnDrop(task))
+            .with_watchers(watchers)
+            .with_farewell(farewell))
     }
 
-    fn watch(&self, addr: &str) -> PeerGone {
+    fn watch(&self, addr: &str, node_id: &str) -> PeerGone {
         let addr = addr.to_string();
+        let expected = greeting(node_id);
         Box::pin(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
-                    Ok(Ok(mut stream)) => {
-                        backoff = Duration::from_millis(100);
-                        let mut buf = [0u8; 64];
-                        // The peer never writes: any end of the stream is its death.
-                        loop {
-                            match stream.read(&mut buf).await {
-                                Ok(0) => return,
-                                Ok(_) => {}
-                                Err(e) if is_death(&e) => return,
-                                Err(_) => break,
-                            }
-                        }
+                if let Ok(Some(mut stream)) =
+                    tokio::time::timeout(CONNECT_TIMEOUT, greeted(&addr, &expected)).await
+                {
+                    backoff = Duration::from_millis(100);
+                    let mut buf = [0u8; 64];
+                    // After its greeting the peer writes only its farewell: then it leaves
+                    // gracefully and there is nothing to watch. The end of the stream without
+                    // one is its death.
+                    match stream.read(&mut buf).await {
+                        Ok(0) => return,
+                        Ok(_) => return std::future::pending().await,
+                        Err(e) if is_death(&e) => return,
+                        Err(_) => {}
                     }
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
-                    Ok(Err(_)) | Err(_) => {}
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -136,28 +185,70 @@ impl PeerProbe for TcpProbe {
     }
 }
 
+/// A connection to `addr` that greeted as `expected`; `None` for anything else.
+async fn greeted(addr: &str, expected: &[u8]) -> Option<TcpStream> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let mut got = vec![0u8; expected.len()];
+    stream.read_exact(&mut got).await.ok()?;
+    (got == expected).then_some(stream)
+}
+
 /// Errors that mean the peer's end was closed (not a local or network failure).
 fn is_death(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
 }
 
-/// Accepts connections and holds each until the peer closes it; the connections close when
-/// this task is aborted (the listener dropped) or the process dies.
-async fn hold_connections(listener: TcpListener) {
+/// Accepts connections, greets each, and holds it until the peer closes it; the connections
+/// close when this task is aborted (the listener dropped) or the process dies.
+async fn hold_connections(
+    listener: TcpListener,
+    greeting: Vec<u8>,
+    watchers: Arc<AtomicUsize>,
+    farewell: tokio::sync::watch::Receiver<bool>,
+) {
     let mut held = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 if let Ok((mut stream, _)) = accepted {
+                    let greeting = greeting.clone();
+                    let watchers = watchers.clone();
+                    let mut farewell = farewell.clone();
                     held.spawn(async move {
+                        if stream.write_all(&greeting).await.is_err() {
+                            return;
+                        }
+                        watchers.fetch_add(1, Ordering::Relaxed);
+                        let _count = DecrementOnDrop(watchers);
                         let mut buf = [0u8; 64];
-                        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+                        tokio::select! {
+                            // (A dropped listener says nothing: its connections just end.)
+                            () = async {
+                                if farewell.wait_for(|bye| *bye).await.is_err() {
+                                    std::future::pending::<()>().await;
+                                }
+                            } => {
+                                let _ = stream.write_all(b"bye\n").await;
+                                // Held until the process ends: the watcher stops on the word.
+                                std::future::pending::<()>().await;
+                            }
+                            _ = async { while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {} } => {}
+                        }
                     });
                 }
             }
             Some(_) = held.join_next(), if !held.is_empty() => {}
         }
+    }
+}
+
+/// Counts a watcher out when its connection ends (or is dropped).
+struct DecrementOnDrop(Arc<AtomicUsize>);
+
+impl Drop for DecrementOnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -176,8 +267,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_listener_is_reported_dead_at_once() {
-        let listener = TcpProbe.listen("127.0.0.1").expect("listen");
-        let gone = TcpProbe.watch(&listener.addr);
+        let listener = TcpProbe.listen("127.0.0.1", "n1").expect("listen");
+        let gone = TcpProbe.watch(&listener.addr, "n1");
         tokio::pin!(gone);
         // Alive: the watch does not resolve.
         assert!(
@@ -193,13 +284,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_connection_is_a_death() {
-        let listener = TcpProbe.listen("127.0.0.1").expect("listen");
+    async fn a_refused_connection_is_not_a_death() {
+        // What a router answers for a wrong address looks the same: only the end of a
+        // greeted connection counts.
+        let listener = TcpProbe.listen("127.0.0.1", "n1").expect("listen");
         let addr = listener.addr.clone();
         drop(listener);
-        tokio::time::timeout(Duration::from_secs(5), TcpProbe.watch(&addr))
-            .await
-            .expect("a refused connection was not taken for a death");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), TcpProbe.watch(&addr, "n1"))
+                .await
+                .is_err(),
+            "a refused connection was taken for a death"
+        );
+    }
+
+    #[tokio::test]
+    async fn another_node_at_the_address_is_not_watched() {
+        let listener = TcpProbe.listen("127.0.0.1", "n2").expect("listen");
+        let gone = TcpProbe.watch(&listener.addr, "n1");
+        tokio::pin!(gone);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut gone)
+                .await
+                .is_err(),
+            "a connection that did not greet as the peer was watched"
+        );
+        drop(listener);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), gone)
+                .await
+                .is_err(),
+            "the end of another node's connection was taken for the peer's death"
+        );
     }
 
     #[tokio::test]
@@ -208,12 +324,38 @@ mod tests {
         // the connection and nothing ever closes it. Only the lease can tell.
         let frozen = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = frozen.local_addr().expect("addr").to_string();
-        let gone = TcpProbe.watch(&addr);
+        let gone = TcpProbe.watch(&addr, "n1");
         assert!(
             tokio::time::timeout(Duration::from_millis(500), gone)
                 .await
                 .is_err(),
             "a frozen peer was reported dead"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_farewell_stops_the_watch_without_a_death() {
+        let listener = TcpProbe.listen("127.0.0.1", "n1").expect("listen");
+        let gone = TcpProbe.watch(&listener.addr, "n1");
+        tokio::pin!(gone);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while listener.watchers() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the watcher never connected"
+            );
+            tokio::select! {
+                _ = &mut gone => panic!("a live peer was reported dead"),
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+        listener.farewell();
+        drop(listener);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), gone)
+                .await
+                .is_err(),
+            "a peer that said goodbye was reported dead"
         );
     }
 }

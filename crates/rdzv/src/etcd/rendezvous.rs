@@ -164,7 +164,7 @@ impl EtcdRendezvousHandler {
                     .first()
                     .cloned()
                     .unwrap_or_else(|| "127.0.0.1".into());
-                match probe.listen(&host) {
+                match probe.listen(&host, &node.node_id) {
                     Ok(listener) => {
                         node.probe = Some(listener.addr.clone());
                         Some(listener)
@@ -227,6 +227,21 @@ impl EtcdRendezvousHandler {
     /// Where this node's peer probe listens, if it has one (see [`super::probe`]).
     pub fn probe_addr(&self) -> Option<&str> {
         self.probe_listener.as_ref().map(|l| l.addr.as_str())
+    }
+
+    /// Tells the peers watching this node's process that it leaves gracefully.
+    fn say_farewell(&self) {
+        if let Some(listener) = &self.probe_listener {
+            listener.farewell();
+        }
+    }
+
+    /// How many peers watch this node's process now (see [`super::probe`]): after a round
+    /// of two or more, one (its ring predecessor) once that peer has connected.
+    pub fn probe_watchers(&self) -> usize {
+        self.probe_listener
+            .as_ref()
+            .map_or(0, super::probe::ProbeListener::watchers)
     }
 
     /// The client, with its request counters.
@@ -309,6 +324,7 @@ impl EtcdRendezvousHandler {
         st.joined.clear();
         let lease = self.node_lease.lock().await;
         lease.stop();
+        self.say_farewell();
         self.client.lease_revoke(lease.id()).await?;
         self.run_lease.lock().await.stop();
         Ok(())
@@ -921,6 +937,7 @@ impl RendezvousHandler for EtcdRendezvousHandler {
         }
         st.joined.clear();
         lease.stop();
+        self.say_farewell();
         // Revoking deletes our join records at once: peers are told we left.
         self.retry_transient("leave", || self.client.lease_revoke(lease.id()))
             .await?;
