@@ -272,3 +272,34 @@ def test_module_mode_runs_the_same(tmp_path):
         assert proc.returncode == 0, f"{launcher}: {proc.stderr[-3000:]}"
         outs[launcher] = sorted(p.name for p in out.iterdir())
     assert outs["torchrun"] == outs["rdzv"] == ["env-0.json", "env-1.json"]
+
+
+def test_rarer_flags_same_logs_and_environment(tmp_path):
+    """--duplicate-stdout-filters/--duplicate-stderr-filters (matching tee'd lines copied to
+    attempt_0/filtered_std*.log) and --virtual-local-rank (LOCAL_RANK=0, one device each): the
+    same files, the same copied lines, the same worker environment."""
+    layouts = {}
+    envs = {}
+    for launcher in ("torchrun", "rdzv"):
+        logs = tmp_path / f"logs-{launcher}"
+        flags = ["--nproc-per-node", "2", "--log-dir", str(logs), "--tee", "3",
+                 "--duplicate-stdout-filters", "hello from 1,no such line",
+                 "--duplicate-stderr-filters", "no such line", "--virtual-local-rank"]
+        proc, envs[launcher] = launch(launcher, flags, tmp_path, launcher,
+                                      env={"CUDA_VISIBLE_DEVICES": "5,7"})
+        assert proc.returncode == 0, f"{launcher}: {proc.stderr[-3000:]}"
+        runs = list(logs.iterdir())
+        assert len(runs) == 1, f"{launcher}: {runs}"
+        files = sorted(str(p.relative_to(runs[0])) for p in runs[0].rglob("*") if p.is_file())
+        attempt = runs[0] / "attempt_0"
+        layouts[launcher] = (
+            files,
+            (attempt / "filtered_stdout.log").read_text(),
+            (attempt / "filtered_stderr.log").read_text(),
+        )
+    assert layouts["torchrun"] == layouts["rdzv"], layouts
+    assert layouts["rdzv"][1:] == ("[default1]:hello from 1\n", ""), layouts["rdzv"]
+    for rank in (0, 1):
+        env = envs["rdzv"][rank]["env"]
+        assert (env["LOCAL_RANK"], env["CUDA_VISIBLE_DEVICES"]) == ("0", ["5", "7"][rank]), rank
+    assert_same_workers(envs["torchrun"], envs["rdzv"], 2)
