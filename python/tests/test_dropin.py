@@ -225,6 +225,9 @@ def test_two_nodes_same_exit_codes_when_a_worker_of_node_1_fails(tmp_path, kind)
         codes[launcher] = [p.returncode for p in procs]
         for i, proc in enumerate(procs):
             assert proc.returncode == 1, f"{launcher} agent {i}: {proc.stderr[-3000:]}"
+        # The agent of rank 3 names it, with its exit code, in torchrun's failure summary.
+        assert any("rank      : 3 (local_rank: 1)" in p.stderr and "exitcode  : 3" in p.stderr
+                   for p in procs), f"{launcher}: {[p.stderr[-2000:] for p in procs]}"
     assert codes["torchrun"] == codes["rdzv"] == [1, 1], codes
 
 
