@@ -5,9 +5,12 @@ torchrun from PyPI, gloo on the CPU)."""
 import json
 import os
 import pathlib
+import random
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -18,7 +21,9 @@ DEADLINE = 120  # seconds for one launcher run
 
 #: What torchrun sets that rdzv sets differently, on purpose.
 ALLOWED_DIFFERENCES = {
-    "MASTER_ADDR": "torchrun --standalone says localhost, rdzv 127.0.0.1",
+    # Where rank 0's node is: torchrun's c10d and --standalone give its FQDN (`localhost`
+    # here), rdzv the IP it advertises (127.0.0.1 with --standalone, else its default route's).
+    "MASTER_ADDR": "rank 0's node: torchrun's FQDN, rdzv's advertised IP",
     "MASTER_PORT": "a free port, each time",
     "TORCHELASTIC_RUN_ID": "a random id with --standalone",
     "TORCHELASTIC_ERROR_FILE": "under a new /tmp/torchelastic_* directory",
@@ -34,6 +39,8 @@ SCRIPT = textwrap.dedent(
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
+    if os.environ.get("FAIL_EARLY_RANK") == os.environ["RANK"]:
+        os._exit(3)  # before the all-reduce: the other ranks' collective fails
     t = torch.tensor([float(dist.get_rank() + 1)])
     dist.all_reduce(t)
     with open(os.path.join(sys.argv[1], "env-%s.json" % os.environ["RANK"]), "w") as f:
@@ -53,7 +60,31 @@ def rdzv_bin():
     return path
 
 
-def launch(launcher, flags, tmp_path, name, env=None):
+def free_port():
+    """A free port of 127.0.0.1, drawn below the kernel's ephemeral range if it can be (as
+    rdzv's `free_port`): no outgoing connection or bind(0) takes it before it is listened on."""
+    try:
+        low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(64):
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher, flags, tmp_path, name, env=None, agents=None):
+    """Runs `flags script out --an-arg` under `launcher` (torchrun or rdzv run) and returns its
+    result and the workers' reports by global rank. With `agents` (a list of per-agent extra
+    flags), starts one launcher process per item, all at once, as the nodes of one job on this
+    host, and returns the list of their results."""
     out = tmp_path / name
     out.mkdir()
     script = tmp_path / "train.py"
@@ -62,19 +93,66 @@ def launch(launcher, flags, tmp_path, name, env=None):
     full_env = dict(os.environ, **(env or {}))
     # The interpreter with torch first on PATH, for rdzv's `python -u script`.
     full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
-    proc = subprocess.run(
-        [*first, *flags, str(script), str(out), "--an-arg"],
-        env=full_env, capture_output=True, text=True, timeout=DEADLINE, cwd=tmp_path,
-    )
+    procs = []
+    for i, extra in enumerate(agents if agents is not None else [[]]):
+        stdout = open(tmp_path / f"{name}-agent{i}.stdout", "w+")
+        stderr = open(tmp_path / f"{name}-agent{i}.stderr", "w+")
+        proc = subprocess.Popen(
+            [*first, *flags, *extra, str(script), str(out), "--an-arg"],
+            env=full_env, stdout=stdout, stderr=stderr, text=True, cwd=tmp_path,
+        )
+        procs.append((proc, stdout, stderr))
+    deadline = time.monotonic() + DEADLINE
+    results = []
+    try:
+        for i, (proc, stdout, stderr) in enumerate(procs):
+            try:
+                code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                stderr.seek(0)
+                pytest.fail(f"{launcher} agent {i} of {len(procs)} ({name}) still runs after "
+                            f"{DEADLINE}s:\n{stderr.read()[-3000:]}")
+            stdout.seek(0)
+            stderr.seek(0)
+            results.append(subprocess.CompletedProcess(proc.args, code, stdout.read(), stderr.read()))
+    finally:
+        for proc, stdout, stderr in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            stdout.close()
+            stderr.close()
     envs = {}
     for f in out.glob("env-*.json"):
         data = json.loads(f.read_text())
         envs[int(data["env"]["RANK"])] = data
-    return proc, envs
+    return (results if agents is not None else results[0]), envs
 
 
 def launched_vars(env):
     return {k: v for k, v in env.items() if os.environ.get(k) != v or k not in os.environ}
+
+
+def assert_same_workers(t_envs, r_envs, world):
+    """The same global ranks `0..world-1`, all-reduce sum, arguments and worker environment
+    (but for ALLOWED_DIFFERENCES) under torchrun (`t_envs`) and rdzv (`r_envs`)."""
+    assert sorted(t_envs) == list(range(world)), f"torchrun's ranks: {sorted(t_envs)}"
+    assert sorted(r_envs) == list(range(world)), f"rdzv's ranks: {sorted(r_envs)}"
+    for rank in range(world):
+        t, r = t_envs[rank], r_envs[rank]
+        assert t["sum"] == r["sum"] == world * (world + 1) / 2, (rank, t["sum"], r["sum"])
+        assert t["argv"] == r["argv"] == ["--an-arg"]
+        t_vars, r_vars = launched_vars(t["env"]), launched_vars(r["env"])
+        missing = set(t_vars) - set(r_vars) - set(ALLOWED_DIFFERENCES)
+        assert not missing, f"rdzv does not set {sorted(missing)}"
+        extra = set(r_vars) - set(t_vars) - set(ALLOWED_DIFFERENCES)
+        assert not extra, f"rdzv sets {sorted(extra)}, torchrun does not"
+        differ = {
+            k: (t_vars[k], r_vars[k])
+            for k in set(t_vars) & set(r_vars)
+            if t_vars[k] != r_vars[k] and k not in ALLOWED_DIFFERENCES
+        }
+        assert not differ, f"rank {rank}: torchrun vs rdzv: {differ}"
 
 
 @pytest.mark.parametrize("flags", [
@@ -87,20 +165,70 @@ def test_same_ranks_and_environment(tmp_path, flags):
     r_proc, r_envs = launch("rdzv", flags, tmp_path, "rdzv")
     assert t_proc.returncode == 0, t_proc.stderr[-3000:]
     assert r_proc.returncode == 0, r_proc.stderr[-3000:]
-    assert sorted(t_envs) == sorted(r_envs) == [0, 1]
-    for rank in (0, 1):
-        t, r = t_envs[rank], r_envs[rank]
-        assert t["sum"] == r["sum"] == 3.0
-        assert t["argv"] == r["argv"] == ["--an-arg"]
-        t_vars, r_vars = launched_vars(t["env"]), launched_vars(r["env"])
-        missing = set(t_vars) - set(r_vars) - set(ALLOWED_DIFFERENCES)
-        assert not missing, f"rdzv does not set {sorted(missing)}"
-        differ = {
-            k: (t_vars[k], r_vars[k])
-            for k in set(t_vars) & set(r_vars)
-            if t_vars[k] != r_vars[k] and k not in ALLOWED_DIFFERENCES
-        }
-        assert not differ, f"rank {rank}: torchrun vs rdzv: {differ}"
+    assert_same_workers(t_envs, r_envs, 2)
+
+
+def static_two_nodes(port):
+    return ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+            "--nproc-per-node", "2"], [["--node-rank", "0"], ["--node-rank", "1"]]
+
+
+def c10d_two_nodes(port, nnodes="2"):
+    return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job",
+            "--nnodes", nnodes, "--nproc-per-node", "2"], [[], []]
+
+
+# Two agents on this host, as the two nodes of one job, each launcher with its own free port:
+# the static backend (--node-rank 0/1), c10d (the first agent to bind the endpoint serves it),
+# and an elastic 1:2 job over c10d. Elastic: both launchers' rendezvous, once min (1) node has
+# joined, wait `last_call_timeout` (30 s by default in both) for more, and close the round at
+# once when max (2) have joined: two agents started together always form one round of 2
+# (unless one starts 30 s after the other), so no --rdzv-conf is needed.
+MULTI_NODE = {
+    "static": static_two_nodes,
+    "c10d": c10d_two_nodes,
+    "elastic-1:2": lambda port: c10d_two_nodes(port, nnodes="1:2"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MULTI_NODE))
+def test_two_nodes_same_ranks_and_environment(tmp_path, kind):
+    results = {}
+    for launcher in ("torchrun", "rdzv"):
+        port = free_port()
+        flags, agents = MULTI_NODE[kind](port)
+        procs, envs = launch(launcher, flags, tmp_path, launcher, agents=agents)
+        for i, proc in enumerate(procs):
+            assert proc.returncode == 0, f"{launcher} agent {i}: {proc.stderr[-3000:]}"
+        for rank, data in envs.items():
+            env = data["env"]
+            assert (env["WORLD_SIZE"], env["GROUP_WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("4", "2", "2"), \
+                f"{launcher} rank {rank}: one round of two nodes of two workers"
+            if kind == "static":
+                assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("127.0.0.1", str(port)), \
+                    f"{launcher} rank {rank}: --master-addr/--master-port"
+        results[launcher] = envs
+    assert_same_workers(results["torchrun"], results["rdzv"], 4)
+
+
+@pytest.mark.parametrize("kind", ["static", "c10d"])
+def test_two_nodes_same_exit_codes_when_a_worker_of_node_1_fails(tmp_path, kind):
+    """Global rank 3 (local rank 1 of node 1 on static; of whichever node gets group rank 1 on
+    c10d) exits 3 before the all-reduce: the other workers' collective fails too, and every
+    agent of both launchers exits 1."""
+    codes = {}
+    for launcher in ("torchrun", "rdzv"):
+        flags, agents = MULTI_NODE[kind](free_port())
+        procs, envs = launch(launcher, flags, tmp_path, launcher, agents=agents,
+                             env={"FAIL_EARLY_RANK": "3"})
+        assert not envs, f"{launcher}: no worker got past the all-reduce: {sorted(envs)}"
+        codes[launcher] = [p.returncode for p in procs]
+        for i, proc in enumerate(procs):
+            assert proc.returncode == 1, f"{launcher} agent {i}: {proc.stderr[-3000:]}"
+        # The agent of rank 3 names it, with its exit code, in torchrun's failure summary.
+        assert any("rank      : 3 (local_rank: 1)" in p.stderr and "exitcode  : 3" in p.stderr
+                   for p in procs), f"{launcher}: {[p.stderr[-2000:] for p in procs]}"
+    assert codes["torchrun"] == codes["rdzv"] == [1, 1], codes
 
 
 def test_same_exit_code_and_log_layout_on_a_failure(tmp_path):
@@ -147,3 +275,34 @@ def test_module_mode_runs_the_same(tmp_path):
         assert proc.returncode == 0, f"{launcher}: {proc.stderr[-3000:]}"
         outs[launcher] = sorted(p.name for p in out.iterdir())
     assert outs["torchrun"] == outs["rdzv"] == ["env-0.json", "env-1.json"]
+
+
+def test_rarer_flags_same_logs_and_environment(tmp_path):
+    """--duplicate-stdout-filters/--duplicate-stderr-filters (matching tee'd lines copied to
+    attempt_0/filtered_std*.log) and --virtual-local-rank (LOCAL_RANK=0, one device each): the
+    same files, the same copied lines, the same worker environment."""
+    layouts = {}
+    envs = {}
+    for launcher in ("torchrun", "rdzv"):
+        logs = tmp_path / f"logs-{launcher}"
+        flags = ["--nproc-per-node", "2", "--log-dir", str(logs), "--tee", "3",
+                 "--duplicate-stdout-filters", "hello from 1,no such line",
+                 "--duplicate-stderr-filters", "no such line", "--virtual-local-rank"]
+        proc, envs[launcher] = launch(launcher, flags, tmp_path, launcher,
+                                      env={"CUDA_VISIBLE_DEVICES": "5,7"})
+        assert proc.returncode == 0, f"{launcher}: {proc.stderr[-3000:]}"
+        runs = list(logs.iterdir())
+        assert len(runs) == 1, f"{launcher}: {runs}"
+        files = sorted(str(p.relative_to(runs[0])) for p in runs[0].rglob("*") if p.is_file())
+        attempt = runs[0] / "attempt_0"
+        layouts[launcher] = (
+            files,
+            (attempt / "filtered_stdout.log").read_text(),
+            (attempt / "filtered_stderr.log").read_text(),
+        )
+    assert layouts["torchrun"] == layouts["rdzv"], layouts
+    assert layouts["rdzv"][1:] == ("[default1]:hello from 1\n", ""), layouts["rdzv"]
+    for rank in (0, 1):
+        env = envs["rdzv"][rank]["env"]
+        assert (env["LOCAL_RANK"], env["CUDA_VISIBLE_DEVICES"]) == ("0", ["5", "7"][rank]), rank
+    assert_same_workers(envs["torchrun"], envs["rdzv"], 2)

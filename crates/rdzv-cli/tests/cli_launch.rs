@@ -518,3 +518,200 @@ fn c10d_localhost_0_is_a_single_node_job_on_a_free_port() {
     let (code, _, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
     assert_eq!(code, 2, "port 0 on several nodes: {stderr}");
 }
+
+// ---- torchrun's rarer flags --------------------------------------------------------------
+
+/// The one run directory under `log_dir` (`<run_id>_<random>`).
+fn only_run_dir(log_dir: &Path) -> std::path::PathBuf {
+    let runs: Vec<_> = std::fs::read_dir(log_dir)
+        .expect("log dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(runs.len(), 1, "one run directory: {runs:?}");
+    runs[0].clone()
+}
+
+/// As torchrun's: the tee'd lines (of the ranks `--local-ranks-filter` shows) that contain any
+/// of the filters (`,,` is a comma) are copied, prefixed, to `attempt_0/filtered_std*.log`;
+/// lines that are not tee'd, or of a filtered-out rank, are not. `PET_*` gives the same.
+#[test]
+fn duplicate_filters_copy_matching_teed_lines_to_the_attempts_filtered_logs() {
+    for via_env in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log_dir = dir.path().join("logs");
+        let log_dir_text = log_dir.display().to_string();
+        let mut cmd = rdzv();
+        cmd.args(["run", "--nproc-per-node", "3"])
+            .args(["--tee", "0:3,1:3,2:2", "--local-ranks-filter", "0,2"])
+            .args(["--log-dir", &log_dir_text]);
+        if via_env {
+            cmd.env("PET_DUPLICATE_STDOUT_FILTERS", "apple,or,,ange")
+                .env("PET_DUPLICATE_STDERR_FILTERS", "pear");
+        } else {
+            cmd.args(["--duplicate-stdout-filters", "apple,or,,ange"])
+                .args(["--duplicate-stderr-filters", "pear"]);
+        }
+        cmd.args([
+            "--no-python",
+            "sh",
+            "-c",
+            "echo apple-$RANK; echo or,ange-$RANK; echo orange-$RANK; echo pear-$RANK; \
+             echo pear-err-$RANK >&2; echo plum-err-$RANK >&2",
+        ])
+        .current_dir(dir.path());
+        let (code, stdout, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+        assert_eq!(code, 0, "{stdout}\n{stderr}");
+        let attempt = only_run_dir(&log_dir).join("attempt_0");
+        let read = |name: &str| {
+            let text = std::fs::read_to_string(attempt.join(name))
+                .unwrap_or_else(|e| panic!("{name} ({e}); env: {via_env}\n{stderr}"));
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            lines.sort();
+            lines
+        };
+        // Rank 0: stdout and stderr tee'd; rank 1: filtered out of the console; rank 2: only
+        // stderr tee'd (its stdout is on the console, not tee'd).
+        assert_eq!(
+            read("filtered_stdout.log"),
+            ["[default0]:apple-0", "[default0]:or,ange-0"],
+            "env: {via_env}"
+        );
+        assert_eq!(
+            read("filtered_stderr.log"),
+            ["[default0]:pear-err-0", "[default2]:pear-err-2"],
+            "env: {via_env}"
+        );
+    }
+}
+
+/// As torchrun's `--virtual-local-rank` (or `PET_VIRTUAL_LOCAL_RANK=1`): every worker gets
+/// `LOCAL_RANK=0` and `CUDA_VISIBLE_DEVICES` its own device of the agent's list (or its local
+/// rank if there is none); more workers than devices exit 2 before anything starts.
+#[test]
+fn virtual_local_rank_gives_each_worker_local_rank_0_and_its_own_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = "echo rank=$RANK local=$LOCAL_RANK cuda=${CUDA_VISIBLE_DEVICES--}";
+    /// Flags, environment, the workers' lines.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], [&'a str; 2]);
+    let cases: [Case; 3] = [
+        (
+            &["--virtual-local-rank"],
+            &[("CUDA_VISIBLE_DEVICES", "4,6")],
+            ["rank=0 local=0 cuda=4", "rank=1 local=0 cuda=6"],
+        ),
+        (
+            &[],
+            &[("PET_VIRTUAL_LOCAL_RANK", "1")],
+            ["rank=0 local=0 cuda=0", "rank=1 local=0 cuda=1"],
+        ),
+        // Without the flag, torchrun's usual: the local rank, the devices inherited.
+        (
+            &[],
+            &[("CUDA_VISIBLE_DEVICES", "4,6")],
+            ["rank=0 local=0 cuda=4,6", "rank=1 local=1 cuda=4,6"],
+        ),
+    ];
+    for (flags, env, expected) in cases {
+        let mut cmd = rdzv();
+        cmd.args(["run", "--nproc-per-node", "2"])
+            .args(flags)
+            .args(["--no-python", "sh", "-c", script])
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .env_remove("HIP_VISIBLE_DEVICES")
+            .envs(env.iter().copied())
+            .current_dir(dir.path());
+        let (code, stdout, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+        assert_eq!(code, 0, "{flags:?} {env:?}: {stdout}\n{stderr}");
+        assert_eq!(lines_of(&stdout), expected, "{flags:?} {env:?}: {stderr}");
+    }
+    let mut cmd = rdzv();
+    cmd.args(["run", "--nproc-per-node", "3", "--virtual-local-rank"])
+        .args(["--no-python", "sh", "-c", "touch started"])
+        .env("CUDA_VISIBLE_DEVICES", "4,6")
+        .env_remove("HIP_VISIBLE_DEVICES")
+        .current_dir(dir.path());
+    let (code, _, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--virtual-local-rank") && stderr.contains("CUDA_VISIBLE_DEVICES=4,6"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("started").exists(), "no worker started");
+}
+
+/// `--event-log-handler` (or `PET_EVENT_LOG_HANDLER`) takes torchrun's handler names; any
+/// other exits 2 naming them.
+#[test]
+fn event_log_handler_takes_torchruns_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (flags, env) in [
+        (&["--event-log-handler", "null"][..], None),
+        (&["--event-log-handler", "console"][..], None),
+        (&[][..], Some("dynamic_rendezvous")),
+    ] {
+        let mut cmd = rdzv();
+        cmd.arg("run").args(flags).args(["--no-python", "true"]);
+        if let Some(value) = env {
+            cmd.env("PET_EVENT_LOG_HANDLER", value);
+        }
+        let (code, _, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+        assert_eq!(code, 0, "{flags:?} {env:?}: {stderr}");
+    }
+    let mut cmd = rdzv();
+    cmd.args(["run", "--no-python", "true"])
+        .env("PET_EVENT_LOG_HANDLER", "syslog");
+    let (code, _, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("'syslog'") && stderr.contains("null, console, dynamic_rendezvous"),
+        "{stderr}"
+    );
+}
+
+/// torchrun's flags rdzv does not implement exit 2 with an error that names the flag and says
+/// what to do instead, not clap's unknown-argument error (`--print-completion` needs no
+/// training script, as in torchrun).
+#[test]
+fn unsupported_torchrun_flags_exit_2_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (args, flag, hint) in [
+        (
+            &["--numa-binding", "node", "--no-python", "touch", "started"][..],
+            "--numa-binding",
+            "numactl",
+        ),
+        (
+            &["--logs-specs", "custom", "--no-python", "touch", "started"][..],
+            "--logs-specs",
+            "--log-dir",
+        ),
+        (
+            &["--print-completion", "bash"][..],
+            "--print-completion",
+            "same names",
+        ),
+        (
+            &["--numa_binding=socket", "--no-python", "touch", "started"][..],
+            "--numa-binding",
+            "numactl",
+        ),
+    ] {
+        let mut cmd = rdzv();
+        cmd.arg("run").args(args).current_dir(dir.path());
+        let (code, _, stderr) = run_to_end(cmd, dir.path(), "agent", WAIT);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("rdzv run does not support {flag}:")) && stderr.contains(hint),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("unexpected argument"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !dir.path().join("started").exists(),
+            "{args:?}: a worker started"
+        );
+    }
+}

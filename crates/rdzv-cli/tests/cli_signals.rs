@@ -170,3 +170,100 @@ fn the_shutdown_timeout_flag_wins_over_the_variable() {
         sent.elapsed()
     );
 }
+
+/// The names of the entries of `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The pids of the processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `rdzv run --standalone` starts a throw-away etcd whose data directory is in `$TMPDIR`
+/// (`rdzv-etcd-*`). Stopped by any of torchrun's default `--signals-to-handle`, the agent
+/// forwards the signal to its workers, exits 128 + N (README, exit codes) and leaves neither
+/// that directory nor the etcd behind. The log directory (`$TMPDIR/torchelastic_*`) is kept on
+/// purpose, as torchrun keeps its /tmp/torchelastic_*: the workers' logs outlive the job.
+#[test]
+fn a_standalone_agent_stopped_by_a_signal_leaves_no_etcd_data_behind() {
+    for (name, signo) in [
+        ("TERM", libc::SIGTERM),
+        ("INT", libc::SIGINT),
+        ("HUP", libc::SIGHUP),
+        ("QUIT", libc::SIGQUIT),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).expect("TMPDIR");
+        let d = dir.path().display();
+        let traps: String = ["TERM", "INT", "HUP", "QUIT"]
+            .iter()
+            .map(|s| format!("trap 'echo {s} >> {d}/got-$RANK; exit 0' {s}; "))
+            .collect();
+        let script = format!("{traps}echo ready > {d}/ready-$RANK; while :; do sleep 0.05; done");
+        let mut cmd = rdzv();
+        cmd.args(["run", "--standalone", "--nproc-per-node", "2"])
+            .args(["--no-python", "sh", "-c", &script])
+            .env("TMPDIR", &tmp)
+            .current_dir(dir.path());
+        let mut a = Proc::spawn(cmd, dir.path(), "agent");
+        wait_ready(dir.path(), &a);
+        let running = entries(&tmp);
+        assert!(
+            running.iter().any(|n| n.starts_with("rdzv-etcd-"))
+                && running.iter().any(|n| n.starts_with("torchelastic_")),
+            "SIG{name}: the etcd data and log directories are in TMPDIR while the job runs: \
+             {running:?}\n{}",
+            a.describe()
+        );
+        assert!(kill(a.pid, signo), "signal the agent");
+        let code = a.exit_code(WAIT);
+        assert_eq!(code, 128 + signo, "SIG{name}: {}", a.describe());
+        for rank in 0..2 {
+            assert_eq!(
+                got(dir.path(), rank).trim(),
+                name,
+                "SIG{name}: worker {rank} got it\n{}",
+                a.describe()
+            );
+        }
+        let left = entries(&tmp);
+        assert!(
+            left.len() == 1 && left[0].starts_with("torchelastic_"),
+            "SIG{name}: only the log directory is left in TMPDIR, no etcd data: {left:?}\n{}",
+            a.describe()
+        );
+        assert!(
+            tmp.join(&left[0])
+                .read_dir()
+                .is_ok_and(|mut d| d.next().is_some()),
+            "SIG{name}: the kept log directory holds the run's logs"
+        );
+        let tmp_text = tmp.display().to_string();
+        assert_eq!(
+            processes_mentioning(&tmp_text),
+            Vec::<u32>::new(),
+            "SIG{name}: no etcd (nor anything else started with its data dir) is left"
+        );
+    }
+}

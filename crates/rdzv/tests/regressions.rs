@@ -454,3 +454,39 @@ async fn status_of_a_run_that_never_existed_is_an_error() {
     let status = read_status(&client, &keys, &id).await.unwrap();
     assert_eq!(status.open_round, 1);
 }
+
+/// Defect (issue 12, c10d): a node leaving after its rendezvous etcd was gone (the c10d host's
+/// agent had exited) retried for the whole rendezvous `timeout` (600 s by default): `rdzv run`
+/// hung for ten minutes before exiting. Past the node lease's TTL there is nothing left to
+/// undo (the lease expires on its own): `shutdown` and `detach` give up after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_after_the_etcd_is_gone_gives_up_after_the_lease_ttl_not_the_timeout() {
+    for detach in [false, true] {
+        let mut etcd = etcd().await;
+        let p = params(&etcd.endpoint(), &run_id(), 1, 1)
+            .with_config("timeout", "600")
+            .with_config("keep_alive_ttl", "2");
+        let node = handler(&p).await;
+        bounded(LIMIT, "the round", node.next_rendezvous())
+            .await
+            .expect("round");
+        etcd.stop();
+        let started = std::time::Instant::now();
+        let left = if detach {
+            bounded(LIMIT, "detach with the etcd gone", node.detach()).await
+        } else {
+            bounded(LIMIT, "shutdown with the etcd gone", node.shutdown())
+                .await
+                .map(|_| ())
+        };
+        assert!(
+            left.is_err(),
+            "detach: {detach}: the etcd is gone: {left:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "detach: {detach}: gave up after {:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -24,7 +24,8 @@ use super::signals::{
 };
 use super::summary;
 use super::workers::{
-    parse_local_ranks, ConsoleSpec, Failure, GroupSpec, GroupState, StreamMap, WorkerGroup,
+    parse_local_ranks, ConsoleSpec, Failure, GroupSpec, GroupState, LineFilters, StreamMap,
+    VirtualLocalRank, WorkerGroup,
 };
 use crate::usage::usage;
 
@@ -114,6 +115,55 @@ pub struct RunArgs {
     )]
     log_line_prefix_template: Option<String>,
 
+    /// Tee'd stdout lines (`--tee`, of the local ranks `--local-ranks-filter` shows) that
+    /// contain any of these comma-separated strings (`,,` for a comma) are also written,
+    /// prefixed, to `attempt_<n>/filtered_stdout.log` of the log directory.
+    #[arg(
+        long = "duplicate-stdout-filters",
+        alias = "duplicate_stdout_filters",
+        env = "PET_DUPLICATE_STDOUT_FILTERS"
+    )]
+    duplicate_stdout_filters: Option<LineFilters>,
+
+    /// As `--duplicate-stdout-filters`, for tee'd stderr lines (`filtered_stderr.log`).
+    #[arg(
+        long = "duplicate-stderr-filters",
+        alias = "duplicate_stderr_filters",
+        env = "PET_DUPLICATE_STDERR_FILTERS"
+    )]
+    duplicate_stderr_filters: Option<LineFilters>,
+
+    /// Every worker gets LOCAL_RANK=0 and sees only its own GPU, at index 0
+    /// (CUDA_VISIBLE_DEVICES, and HIP_VISIBLE_DEVICES if set: the agent's local-rank-th
+    /// device, or the local rank).
+    #[arg(long = "virtual-local-rank", alias = "virtual_local_rank", env = "PET_VIRTUAL_LOCAL_RANK", value_parser = clap::builder::BoolishValueParser::new())]
+    virtual_local_rank: bool,
+
+    /// torchrun's event log handler: `null` (its default), `console` or `dynamic_rendezvous`
+    /// are accepted; rdzv logs its own events to stderr (see RDZV_LOG) whichever is given.
+    #[arg(
+        long = "event-log-handler",
+        alias = "event_log_handler",
+        env = "PET_EVENT_LOG_HANDLER"
+    )]
+    event_log_handler: Option<String>,
+
+    /// Not supported (torchrun's Python plugin for the log layout): exits 2.
+    #[arg(long = "logs-specs", alias = "logs_specs", value_name = "NAME")]
+    logs_specs: Option<String>,
+
+    /// Not supported (torchrun binds workers to the CPUs near their GPU): exits 2.
+    #[arg(long = "numa-binding", alias = "numa_binding", value_name = "MODE")]
+    numa_binding: Option<String>,
+
+    /// Not supported (torchrun prints a shell completion script for itself): exits 2.
+    #[arg(
+        long = "print-completion",
+        alias = "print_completion",
+        value_name = "SHELL"
+    )]
+    print_completion: Option<String>,
+
     /// Directory for per-attempt worker logs and error files (default: a temporary one).
     #[arg(long = "log-dir", alias = "log_dir", env = "PET_LOG_DIR")]
     log_dir: Option<PathBuf>,
@@ -179,10 +229,58 @@ pub struct RunArgs {
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
-        required = true,
+        required_unless_present = "print_completion",
         value_name = "TRAINING_SCRIPT"
     )]
     command: Vec<OsString>,
+}
+
+/// torchrun's event log handlers (`torch.distributed.elastic.events.handlers`).
+const EVENT_LOG_HANDLERS: &[&str] = &["null", "console", "dynamic_rendezvous"];
+
+/// The torchrun flags rdzv does not implement, each with a specific error (exit 2) that says
+/// what to do instead; `--event-log-handler` is checked here too.
+fn refuse_unsupported(args: &RunArgs) -> anyhow::Result<()> {
+    if args.print_completion.is_some() {
+        return Err(usage(
+            "rdzv run does not support --print-completion: torchrun prints a completion \
+             script for torchrun (with the shtab package); rdzv has none. Complete `rdzv run` \
+             as torchrun: its flags have the same names",
+        ));
+    }
+    if args.numa_binding.is_some() {
+        return Err(usage(format!(
+            "rdzv run does not support --numa-binding: it does not bind workers to CPUs. Bind \
+             them in the worker command instead, e.g. `rdzv run --no-python numactl \
+             --cpunodebind=<node> --membind=<node> python -u train.py` ({} in any argument is \
+             replaced by the worker's local rank)",
+            launch::LOCAL_RANK_MACRO
+        )));
+    }
+    if args.logs_specs.is_some() {
+        return Err(usage(
+            "rdzv run does not support --logs-specs: it names a Python plugin (a \
+             `torchrun.logs_specs` entry point) only torchrun can load. rdzv writes torchrun's \
+             default layout: choose it with --log-dir, --redirects, --tee and \
+             --local-ranks-filter",
+        ));
+    }
+    match args.event_log_handler.as_deref().map(str::trim) {
+        None | Some("null") => {}
+        Some(name) if EVENT_LOG_HANDLERS.contains(&name) => tracing::info!(
+            handler = name,
+            "--event-log-handler: rdzv does not write torchrun's event records; its agent logs \
+             its own events to stderr (RDZV_LOG sets the level)"
+        ),
+        Some(name) => {
+            return Err(usage(format!(
+                "--event-log-handler (or PET_EVENT_LOG_HANDLER) '{name}' is not one of \
+                 torchrun's: {}",
+                EVENT_LOG_HANDLERS.join(", ")
+            )))
+        }
+    }
+    Ok(())
 }
 
 /// The longest `--monitor-interval`.
@@ -523,10 +621,16 @@ enum Outcome {
 /// If etcd cannot be reached, the rendezvous fails (timeout, state), or workers cannot be
 /// started.
 pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
+    refuse_unsupported(&args)?;
     let nproc = match super::devices::nproc_per_node_here(&args.nproc_per_node) {
         Ok(n) => n,
         Err(e) => return usage_error(e),
     };
+    if args.virtual_local_rank {
+        VirtualLocalRank::from_env(|k| std::env::var(k).ok())
+            .check(nproc)
+            .map_err(usage)?;
+    }
     args.grace_period = match (
         args.shutdown_timeout,
         std::env::var("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"),
@@ -1012,6 +1116,11 @@ fn group_spec(
         redirects: args.redirects.clone(),
         tee: args.tee.clone(),
         console: console_spec(args),
+        duplicate_stdout: args.duplicate_stdout_filters.clone(),
+        duplicate_stderr: args.duplicate_stderr_filters.clone(),
+        virtual_local_rank: args
+            .virtual_local_rank
+            .then(|| VirtualLocalRank::from_env(|k| std::env::var(k).ok())),
     }
 }
 

@@ -153,6 +153,96 @@ pub fn parse_local_ranks(text: &str) -> Result<std::collections::BTreeSet<usize>
         .collect()
 }
 
+/// torchrun's `--duplicate-stdout-filters`/`--duplicate-stderr-filters`: the tee'd lines that
+/// contain any of these strings are also written to `attempt_<n>/filtered_std{out,err}.log`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LineFilters(pub Vec<String>);
+
+impl std::str::FromStr for LineFilters {
+    type Err = std::convert::Infallible;
+
+    /// torchrun's comma-separated list, where `,,` is a comma (so `""` is one empty filter,
+    /// which every line matches, as in torchrun).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        const PLACEHOLDER: &str = "\u{0}";
+        Ok(Self(
+            text.replace(",,", PLACEHOLDER)
+                .split(',')
+                .map(|item| item.replace(PLACEHOLDER, ","))
+                .collect(),
+        ))
+    }
+}
+
+impl LineFilters {
+    /// True if `line` contains any of the filters.
+    pub fn matches(&self, line: &str) -> bool {
+        self.0.iter().any(|needle| line.contains(needle.as_str()))
+    }
+}
+
+/// torchrun's `--virtual-local-rank`: every worker gets `LOCAL_RANK=0` and sees only its own
+/// device, at index 0: `CUDA_VISIBLE_DEVICES` (and `HIP_VISIBLE_DEVICES` if the agent has a
+/// non-empty one, which then gives the devices) is the agent's `local_rank`-th device, or
+/// `local_rank` itself if the agent has no such variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtualLocalRank {
+    /// The variable the agent's devices come from.
+    pub source: &'static str,
+    /// The agent's devices (`None` if it has no such variable).
+    pub devices: Option<Vec<String>>,
+}
+
+impl VirtualLocalRank {
+    /// From the agent's environment, as `get` reads it.
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Self {
+        match get("HIP_VISIBLE_DEVICES").filter(|v| !v.is_empty()) {
+            Some(hip) => Self {
+                source: "HIP_VISIBLE_DEVICES",
+                devices: Some(hip.split(',').map(|d| d.trim().to_string()).collect()),
+            },
+            None => Self {
+                source: "CUDA_VISIBLE_DEVICES",
+                devices: get("CUDA_VISIBLE_DEVICES")
+                    .map(|v| v.split(',').map(|d| d.trim().to_string()).collect()),
+            },
+        }
+    }
+
+    /// Checks that each of `nproc` workers has a device.
+    ///
+    /// # Errors
+    /// Fewer visible devices than workers (torchrun fails the same way, when it starts them).
+    pub fn check(&self, nproc: usize) -> Result<(), String> {
+        match &self.devices {
+            Some(devices) if devices.len() < nproc => Err(format!(
+                "--virtual-local-rank: {nproc} workers per node but {}={} has {} device(s)",
+                self.source,
+                devices.join(","),
+                devices.len()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The variables of the worker of `local_rank` (after [`VirtualLocalRank::check`]).
+    pub fn env(&self, local_rank: usize) -> Vec<(&'static str, String)> {
+        let device = self
+            .devices
+            .as_ref()
+            .and_then(|d| d.get(local_rank).cloned())
+            .unwrap_or_else(|| local_rank.to_string());
+        let mut vars = vec![
+            ("LOCAL_RANK", "0".to_string()),
+            ("CUDA_VISIBLE_DEVICES", device.clone()),
+        ];
+        if self.source == "HIP_VISIBLE_DEVICES" {
+            vars.push(("HIP_VISIBLE_DEVICES", device));
+        }
+        vars
+    }
+}
+
 /// Everything needed to start one attempt of the local group.
 #[derive(Debug, Clone)]
 pub struct GroupSpec {
@@ -182,6 +272,44 @@ pub struct GroupSpec {
     pub tee: StreamMap,
     /// Console prefix and filter.
     pub console: ConsoleSpec,
+    /// Tee'd stdout lines matching these also go to `<attempt_dir>/filtered_stdout.log`.
+    pub duplicate_stdout: Option<LineFilters>,
+    /// Tee'd stderr lines matching these also go to `<attempt_dir>/filtered_stderr.log`.
+    pub duplicate_stderr: Option<LineFilters>,
+    /// `--virtual-local-rank`: each worker's `LOCAL_RANK` and visible device.
+    pub virtual_local_rank: Option<VirtualLocalRank>,
+}
+
+/// A file the tee'd lines of every worker that match `filters` are copied to.
+#[derive(Debug, Clone)]
+struct Duplicate {
+    filters: LineFilters,
+    file: std::sync::Arc<std::sync::Mutex<std::fs::File>>,
+}
+
+impl Duplicate {
+    /// Creates (truncates) `path` for `filters`, if there are any.
+    fn create(filters: Option<&LineFilters>, path: PathBuf) -> anyhow::Result<Option<Self>> {
+        let Some(filters) = filters else {
+            return Ok(None);
+        };
+        let file = std::fs::File::create(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Some(Self {
+            filters: filters.clone(),
+            file: std::sync::Arc::new(std::sync::Mutex::new(file)),
+        }))
+    }
+
+    /// Writes `text` (a whole prefixed line) if `line` matches.
+    fn write(&self, line: &str, text: &str) {
+        use std::io::Write;
+        if self.filters.matches(line) {
+            if let Ok(mut f) = self.file.lock() {
+                let _ = f.write_all(text.as_bytes());
+            }
+        }
+    }
 }
 
 /// One running worker.
@@ -268,6 +396,7 @@ async fn pump(
     reader: impl tokio::io::AsyncRead + Unpin,
     file: Option<PathBuf>,
     console: Option<(String, bool)>,
+    duplicate: Option<Duplicate>,
 ) {
     let mut file = match file {
         Some(p) => tokio::fs::File::create(&p).await.ok(),
@@ -282,6 +411,9 @@ async fn pump(
         if let Some((prefix, to_stderr)) = &console {
             // One write per line so that lines of different workers do not interleave.
             let text = format!("{prefix}{line}\n");
+            if let Some(d) = &duplicate {
+                d.write(&line, &text);
+            }
             if *to_stderr {
                 let _ = tokio::io::stderr().write_all(text.as_bytes()).await;
             } else {
@@ -305,8 +437,25 @@ impl WorkerGroup {
             workers: Vec::new(),
             failures: Vec::new(),
         };
+        let duplicates = if spec.duplicate_stdout.is_some() || spec.duplicate_stderr.is_some() {
+            tokio::fs::create_dir_all(&spec.attempt_dir)
+                .await
+                .with_context(|| format!("cannot create {}", spec.attempt_dir.display()))?;
+            (
+                Duplicate::create(
+                    spec.duplicate_stdout.as_ref(),
+                    spec.attempt_dir.join("filtered_stdout.log"),
+                )?,
+                Duplicate::create(
+                    spec.duplicate_stderr.as_ref(),
+                    spec.attempt_dir.join("filtered_stderr.log"),
+                )?,
+            )
+        } else {
+            (None, None)
+        };
         for local_rank in 0..spec.nproc {
-            match Self::start_one(spec, local_rank).await {
+            match Self::start_one(spec, local_rank, &duplicates).await {
                 Ok(w) => group.workers.push(w),
                 Err(e) => {
                     group.stop(Duration::from_secs(1)).await;
@@ -317,7 +466,11 @@ impl WorkerGroup {
         Ok(group)
     }
 
-    async fn start_one(spec: &GroupSpec, local_rank: usize) -> anyhow::Result<Worker> {
+    async fn start_one(
+        spec: &GroupSpec,
+        local_rank: usize,
+        duplicates: &(Option<Duplicate>, Option<Duplicate>),
+    ) -> anyhow::Result<Worker> {
         let rank = spec.first_rank + local_rank;
         let world = spec.world_size;
         let dir = spec.attempt_dir.join(local_rank.to_string());
@@ -354,6 +507,9 @@ impl WorkerGroup {
             ("TORCHELASTIC_ERROR_FILE", error_file.display().to_string()),
         ];
         cmd.envs(per_worker.iter().map(|(k, v)| (k, v)));
+        if let Some(virtual_rank) = &spec.virtual_local_rank {
+            cmd.envs(virtual_rank.env(local_rank));
+        }
         let redirect = spec.redirects.for_rank(local_rank);
         let shown = spec.console.shows(local_rank);
         // A filtered-out rank's tee'd streams go to their files only (as torchrun's).
@@ -393,18 +549,23 @@ impl WorkerGroup {
         let prefix = spec.console.prefix(local_rank, rank);
         if let Some(out) = child.stdout.take() {
             let console = tee.stdout.then(|| (prefix.clone(), false));
+            // As torchrun's: only tee'd lines (of the ranks the console shows) are duplicated.
+            let duplicate = duplicates.0.clone().filter(|_| tee.stdout);
             pumps.push(tokio::spawn(pump(
                 out,
                 Some(dir.join("stdout.log")),
                 console,
+                duplicate,
             )));
         }
         if let Some(err) = child.stderr.take() {
             let console = tee.stderr.then(|| (prefix.clone(), true));
+            let duplicate = duplicates.1.clone().filter(|_| tee.stderr);
             pumps.push(tokio::spawn(pump(
                 err,
                 Some(dir.join("stderr.log")),
                 console,
+                duplicate,
             )));
         }
         tracing::debug!(local_rank, rank, pid, "worker started");
@@ -571,6 +732,55 @@ mod tests {
         assert!(parse_local_ranks("a,1").is_err());
     }
 
+    #[test]
+    fn line_filters_split_as_torchrun() {
+        let f: LineFilters = "apple,or,,ange".parse().unwrap();
+        assert_eq!(f.0, vec!["apple".to_string(), "or,ange".to_string()]);
+        assert!(f.matches("an apple a day") && f.matches("x or,ange y"));
+        assert!(!f.matches("orange"));
+        let all: LineFilters = "".parse().unwrap();
+        assert!(
+            all.matches("anything"),
+            "torchrun's [''] matches every line"
+        );
+    }
+
+    #[test]
+    fn virtual_local_ranks_are_torchruns() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let none = VirtualLocalRank::from_env(env(&[]));
+        assert_eq!(
+            none.env(3),
+            vec![
+                ("LOCAL_RANK", "0".to_string()),
+                ("CUDA_VISIBLE_DEVICES", "3".to_string())
+            ]
+        );
+        let cuda = VirtualLocalRank::from_env(env(&[("CUDA_VISIBLE_DEVICES", "4, 6")]));
+        assert_eq!(cuda.env(1)[1], ("CUDA_VISIBLE_DEVICES", "6".to_string()));
+        assert!(cuda.check(2).is_ok());
+        let err = cuda.check(3).unwrap_err();
+        assert!(err.contains("CUDA_VISIBLE_DEVICES=4,6"), "{err}");
+        let hip = VirtualLocalRank::from_env(env(&[
+            ("HIP_VISIBLE_DEVICES", "7,8"),
+            ("CUDA_VISIBLE_DEVICES", "0,1"),
+        ]));
+        assert_eq!(
+            hip.env(0),
+            vec![
+                ("LOCAL_RANK", "0".to_string()),
+                ("CUDA_VISIBLE_DEVICES", "7".to_string()),
+                ("HIP_VISIBLE_DEVICES", "7".to_string())
+            ]
+        );
+    }
+
     /// Regression (issue 12): a reused log directory blamed a new failure on an old run's
     /// `error.json`; starting a worker clears it.
     #[tokio::test]
@@ -593,6 +803,9 @@ mod tests {
             redirects: StreamMap::default(),
             tee: StreamMap::default(),
             console: ConsoleSpec::default(),
+            duplicate_stdout: None,
+            duplicate_stderr: None,
+            virtual_local_rank: None,
         };
         let mut group = WorkerGroup::start(&spec).await.expect("start");
         assert!(!old.exists(), "the old error file is still there");

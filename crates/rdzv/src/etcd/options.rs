@@ -14,7 +14,7 @@
 //! | `etcd_prefix` | `/rdzv` | key prefix; a run lives under `<prefix>/<run_id>/` |
 //! | `timeout` | `600s` | bound on one `next_rendezvous()` |
 //! | `last_call_timeout` | `30s` | wait after `min_nodes` have joined, for more to come |
-//! | `keep_alive_ttl` | `10s` | TTL of a node's lease; renewed every third of it |
+//! | `keep_alive_ttl` | `10s` | TTL of a node's lease; renewed every third of it; how long a leaving node retries an unreachable etcd |
 //! | `retention` | `1h` | how long a run's keys outlive its last node |
 //! | `store_timeout` | `300s` | default bound on blocking store operations |
 //! | `node_rank` | – | a hint for this node's place in the first round's rank order |

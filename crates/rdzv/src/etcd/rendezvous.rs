@@ -317,7 +317,7 @@ impl EtcdRendezvousHandler {
                         )]),
                 ),
             ]);
-            self.retry_transient("detach", || self.client.txn(txn.clone()))
+            self.retry_leaving("detach", || self.client.txn(txn.clone()))
                 .await?;
             st.joined.remove(&last.round);
         }
@@ -340,7 +340,35 @@ impl EtcdRendezvousHandler {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, RendezvousError>>,
     {
-        let deadline = Instant::now() + self.settings.timeout;
+        self.retry_transient_within(what, self.settings.timeout, op)
+            .await
+    }
+
+    /// Retries a step of leaving (`what`) on transient errors for at most the node lease's
+    /// TTL (and the handler's timeout): past it the lease has expired on its own, so there is
+    /// nothing left to undo, and a node whose etcd is gone (a c10d host that exited) must not
+    /// wait for the whole rendezvous timeout before it can exit.
+    async fn retry_leaving<T, F, Fut>(&self, what: &str, op: F) -> Result<T, RendezvousError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RendezvousError>>,
+    {
+        let limit = self.settings.keep_alive_ttl.min(self.settings.timeout);
+        self.retry_transient_within(what, limit, op).await
+    }
+
+    /// Retries `op` on transient errors (jittered backoff) for at most `limit`.
+    async fn retry_transient_within<T, F, Fut>(
+        &self,
+        what: &str,
+        limit: Duration,
+        op: F,
+    ) -> Result<T, RendezvousError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RendezvousError>>,
+    {
+        let deadline = Instant::now() + limit;
         let mut backoff = Duration::from_millis(50);
         loop {
             match op().await {
@@ -939,7 +967,7 @@ impl RendezvousHandler for EtcdRendezvousHandler {
         lease.stop();
         self.say_farewell();
         // Revoking deletes our join records at once: peers are told we left.
-        self.retry_transient("leave", || self.client.lease_revoke(lease.id()))
+        self.retry_leaving("leave", || self.client.lease_revoke(lease.id()))
             .await?;
         self.run_lease.lock().await.stop();
         tracing::debug!(node_id = %self.node.node_id, "left the rendezvous");
