@@ -236,13 +236,26 @@ fn bench_processes_reform_rounds_after_a_crash_a_leave_and_a_newcomer() {
         "--processes",
         "3",
         "--scenario",
-        "kill,leave,scale-up",
+        "kill,freeze,leave,scale-up",
         "--ttl",
         "2",
         "--json",
     ]);
     let lines = json_lines(&out);
-    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    // A frozen process closes nothing: only its lease (TTL 2 s) tells.
+    let freeze = &lines[1];
+    assert_eq!(freeze["scenario"], "freeze", "{freeze}");
+    check_line(freeze, 5, 8.0);
+    let detect = num(freeze, "detect_max_s");
+    assert!((1.0..10.0).contains(&detect), "detect_max_s: {freeze}");
+    assert_eq!(
+        num(&freeze["etcd_requests"], "lease_revoke") as u64,
+        0,
+        "nobody revokes a frozen node's lease: {freeze}"
+    );
+    check_children_gone(freeze, 3);
+    let lines: Vec<_> = [0, 2, 3].iter().map(|i| lines[*i].clone()).collect();
     for (line, (scenario, participants)) in
         lines
             .iter()
@@ -337,6 +350,10 @@ fn bench_processes_bad_input_is_a_usage_error() {
         (
             &["--nodes", "4", "--processes", "1", "--scenario", "kill"],
             "needs at least 2 processes",
+        ),
+        (
+            &["--nodes", "4", "--scenario", "freeze"],
+            "the freeze scenario needs --processes",
         ),
     ] {
         let out = bench(args);

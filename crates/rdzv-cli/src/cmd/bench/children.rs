@@ -30,6 +30,8 @@ struct ChildProc {
     nodes: Vec<usize>,
     /// It was killed or told to exit: its end is no error.
     gone: bool,
+    /// Stopped with SIGSTOP (killed at the end).
+    frozen: bool,
 }
 
 /// The running children and what they say.
@@ -79,6 +81,7 @@ impl Children {
                 pid,
                 nodes: spec.nodes.clone(),
                 gone: false,
+                frozen: false,
             });
             let line = serde_json::to_string(spec)?;
             procs[i].write(&line).await?;
@@ -279,6 +282,21 @@ impl Children {
             .with_context(|| format!("cannot kill child process {i}"))
     }
 
+    /// Stops child `i` (SIGSTOP): a frozen agent, whose sockets stay open; it is killed at
+    /// the end.
+    pub(super) fn freeze(&mut self, i: usize) -> anyhow::Result<()> {
+        self.procs[i].gone = true;
+        self.procs[i].frozen = true;
+        let pid = self.procs[i]
+            .child
+            .id()
+            .with_context(|| format!("child process {i} is gone"))?;
+        // SAFETY: kill(2) with a valid signal on our own child's pid.
+        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+        ensure!(rc == 0, "cannot stop child process {i}");
+        Ok(())
+    }
+
     /// Tells child `i` to leave gracefully and exit.
     pub(super) async fn leave(&mut self, i: usize) -> anyhow::Result<()> {
         self.procs[i].gone = true;
@@ -290,6 +308,9 @@ impl Children {
     /// Tells every child to exit and waits for all (bounded: then kills); their process ids.
     pub(super) async fn end(mut self) -> Vec<u32> {
         for p in &mut self.procs {
+            if p.frozen {
+                let _ = p.child.start_kill();
+            }
             // Read before the end of input, which follows as `stdin` is dropped.
             let _ = p.write(&Command::Exit.line()).await;
             p.stdin = None;

@@ -109,6 +109,9 @@ pub enum Scenario {
     Full,
     /// A member of a complete round crashes; the survivors form a new round.
     Kill,
+    /// A member of a complete round freezes (SIGSTOP, with `--processes`): only its lease
+    /// expiry can tell; the survivors form a new round.
+    Freeze,
     /// A member of a complete round leaves gracefully; the others form a new round.
     Leave,
     /// One node joins a complete round of N-1; all N form a new round.
@@ -126,6 +129,7 @@ impl Scenario {
         match self {
             Scenario::Full => "full",
             Scenario::Kill => "kill",
+            Scenario::Freeze => "freeze",
             Scenario::Leave => "leave",
             Scenario::ScaleUp => "scale-up",
             Scenario::LastCall => "last-call",
@@ -242,16 +246,21 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
         !args.scenario.is_empty(),
         "--scenario needs at least one scenario"
     );
+    ensure!(
+        args.processes.is_some() || !args.scenario.contains(&Scenario::Freeze),
+        "the freeze scenario needs --processes (it stops a participant's process)"
+    );
     for &n in &args.nodes {
         ensure!(n >= 1, "--nodes: job sizes must be at least 1");
-        if args
-            .scenario
-            .iter()
-            .any(|s| matches!(s, Scenario::Kill | Scenario::Leave | Scenario::ScaleUp))
-        {
+        if args.scenario.iter().any(|s| {
+            matches!(
+                s,
+                Scenario::Kill | Scenario::Freeze | Scenario::Leave | Scenario::ScaleUp
+            )
+        }) {
             ensure!(
                 n >= 2,
-                "the kill, leave and scale-up scenarios need at least 2 nodes (got {n})"
+                "the kill, freeze, leave and scale-up scenarios need at least 2 nodes (got {n})"
             );
         }
     }

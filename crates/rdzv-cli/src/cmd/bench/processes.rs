@@ -38,9 +38,10 @@ use super::children::{Before, Children, Setup, Used};
 use super::protocol::{ChildSpec, Command, ReactTo};
 use super::*;
 /// The scenarios `--processes` runs.
-const SUPPORTED: [Scenario; 4] = [
+const SUPPORTED: [Scenario; 5] = [
     Scenario::Full,
     Scenario::Kill,
+    Scenario::Freeze,
     Scenario::Leave,
     Scenario::ScaleUp,
 ];
@@ -50,7 +51,7 @@ pub(super) fn validate(p: usize, args: &BenchArgs) -> anyhow::Result<()> {
     ensure!(p >= 1, "--processes must be at least 1");
     if let Some(s) = args.scenario.iter().find(|s| !SUPPORTED.contains(s)) {
         bail!(
-            "--processes supports only the full, kill, leave and scale-up scenarios (got {})",
+            "--processes supports only the full, kill, freeze, leave and scale-up scenarios (got {})",
             s.name()
         );
     }
@@ -218,7 +219,7 @@ pub(super) async fn measure(
     let mut specs;
     match scenario {
         Scenario::Full => specs = shared_specs(ctx, &run_id, n, p, (n, n, 0.0)),
-        Scenario::Kill | Scenario::Leave => {
+        Scenario::Kill | Scenario::Freeze | Scenario::Leave => {
             // The survivors shared over P-1 children, the leaving node alone in the last.
             specs = shared_specs(ctx, &run_id, n - 1, p - 1, (n - 1, n, ctx.last_call));
             specs.push(spec(ctx, &run_id, vec![n - 1], n, n, ctx.last_call));
@@ -243,7 +244,7 @@ pub(super) async fn measure(
     let mut children = Children::spawn(&specs).await?;
     let outcome = match scenario {
         Scenario::Full => full_round(ctx, n, &mut children).await,
-        Scenario::Kill | Scenario::Leave => {
+        Scenario::Kill | Scenario::Freeze | Scenario::Leave => {
             departure_rounds(ctx, scenario, n, &run_id, &mut children).await
         }
         _ => scale_up_rounds(ctx, n, &mut children).await,
@@ -341,10 +342,10 @@ async fn departure_rounds(
     tokio::time::sleep(QUIESCE).await;
     let before = children.mark(ctx, &others).await?;
     let trigger = Instant::now();
-    if scenario == Scenario::Kill {
-        children.kill(victim)?;
-    } else {
-        children.leave(victim).await?;
+    match scenario {
+        Scenario::Kill => children.kill(victim)?,
+        Scenario::Freeze => children.freeze(victim)?,
+        _ => children.leave(victim).await?,
     }
     let limit = ctx.round_timeout + Duration::from_secs(ctx.ttl + 10);
     let label = format!("{} N={n} P={p}: ranked", scenario.name());

@@ -279,6 +279,7 @@ pub(super) async fn measure(ctx: &Ctx, scenario: Scenario, n: usize) -> anyhow::
     match scenario {
         Scenario::Full => measure_full(ctx, n).await,
         Scenario::Kill => measure_departure(ctx, n, true).await,
+        Scenario::Freeze => bail!("the freeze scenario needs --processes (it stops a process)"),
         Scenario::Leave => measure_departure(ctx, n, false).await,
         Scenario::ScaleUp => measure_scale_up(ctx, n).await,
         Scenario::LastCall => {
