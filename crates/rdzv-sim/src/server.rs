@@ -78,6 +78,9 @@ pub enum Fault {
     LoseResponse,
     /// etcd refuses the transaction with its backpressure (`too many requests`): not applied.
     Overloaded,
+    /// etcd refuses the transaction because the lease it names is gone (expired between the
+    /// grant and this request, as on an overloaded etcd): not applied.
+    LeaseGone,
 }
 
 /// Matches the transactions a scripted fault applies to.
@@ -501,6 +504,10 @@ impl EtcdApi for SimApi {
                 Err(ApiError::Overloaded(
                     "etcdserver: too many requests (scripted)".into(),
                 ))
+            }
+            Some(Fault::LeaseGone) => {
+                self.latency().await;
+                Err(ApiError::LeaseNotFound)
             }
             Some(Fault::LoseResponse) => {
                 self.request(false, move |m, _| m.txn(&txn)).await?;

@@ -666,3 +666,35 @@ fn a_false_crash_report_costs_a_restart_never_a_wrong_rank() {
         world.stop_all();
     });
 }
+
+/// Found by `rdzv bench --nodes 12500 --processes 8` (an overloaded etcd): a node whose lease
+/// was lost granted a new one, and when that one too was gone before the node's presence
+/// record could be written with it ("requested lease not found"), the node failed for good
+/// instead of going on as after any lost lease.
+#[test]
+fn a_lease_gone_again_while_renewing_presence_does_not_fail_the_node() {
+    run_scripted(16, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 2,
+                max_nodes: 2,
+                ttl_secs: 3,
+                last_call: Duration::ZERO,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let slots = start(&mut world, 2);
+        let first = settled(&world, &slots, 30 * SECOND).await;
+        // Node 1 is cut off past its TTL: its lease is lost; when it comes back it grants a
+        // new one, and the first write of its presence record meets a lease gone again.
+        let link = world.link(slots[1]).unwrap();
+        link.inject(Fault::LeaseGone, 1, |t| {
+            txn_writes(t, &|k| String::from_utf8_lossy(k).contains("/agent/"))
+        });
+        link.partition_until(Instant::now() + 5 * SECOND);
+        settled_after(&world, &slots, first, 60 * SECOND).await;
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}

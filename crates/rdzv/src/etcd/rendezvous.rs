@@ -392,16 +392,14 @@ impl EtcdRendezvousHandler {
             *lease = KeptLease::grant(&self.client, self.settings.keep_alive_ttl_secs()).await?;
             st.joined.clear();
             // The node's presence went with the old lease: while the node lives, a closed run
-            // must not start again.
+            // should not start again. Best effort: a node without it that finds the run
+            // reopened joins it as a newcomer, and a lease lost again (an overloaded etcd) is
+            // the join's to handle, as before.
             let (key, id) = (self.keys.agent(&self.node.node_id), lease.id());
-            self.retry_transient("presence", || {
-                self.client.put(
-                    key.clone(),
-                    Vec::new(),
-                    Some(PutOptions::new().with_lease(id)),
-                )
-            })
-            .await?;
+            let put = Some(PutOptions::new().with_lease(id));
+            if let Err(e) = self.client.put(key, Vec::new(), put).await {
+                tracing::debug!(error = %e, "cannot renew this node's presence record");
+            }
             // The old lease may still live in etcd (the fence is early): revoke it, so that
             // the peers learn at once that this node's records are gone.
             let _ = self.client.lease_revoke(old).await;
