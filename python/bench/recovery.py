@@ -9,11 +9,11 @@ two nodes, is measured. Two ways of losing the node:
   running and keep the all-reduce going);
 - ``crash``: the agent and its workers are SIGKILLed (a process crash: the kernel closes
   their sockets, so the survivors' all-reduce fails at once and their agents restart);
-- ``vanish``: the agent is SIGKILLed and its workers are SIGSTOPped first (a machine that
-  powered off or fell off the network: nothing closes the sockets, the survivors' all-reduce
-  just blocks).
+- ``vanish``: the agent and its workers are SIGSTOPped (a machine that powered off or fell
+  off the network: nothing closes the sockets, the survivors' all-reduce just blocks, and
+  only a lease or heartbeat expiry can tell; they are SIGKILLed at the end).
 
-Phases, from the SIGKILL (each line is timestamped when the agent prints it): ``noticed``
+Phases, from the SIGKILL (or SIGSTOP; each line is timestamped when the agent prints it): ``noticed``
 (the first survivor agent logs that it restarts its workers), ``rendezvous`` (the last
 survivor logs its new round), ``running`` (the last survivor worker finished its first
 all-reduce in the new world). Medians over ``--runs``; a run that does not recover within
@@ -190,7 +190,7 @@ def one_run(backend, endpoint, how, args, script):
         if how == "vanish":
             signal_all(victim_workers, signal.SIGSTOP)
         killed = time.monotonic()
-        os.kill(victim.pid, signal.SIGKILL)
+        os.kill(victim.pid, signal.SIGSTOP if how == "vanish" else signal.SIGKILL)
         if how == "crash":
             signal_all(victim_workers, signal.SIGKILL)
         survivors = {0, 1}
