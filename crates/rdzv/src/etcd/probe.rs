@@ -11,7 +11,10 @@
 //! crash, SIGKILL, an OOM kill — its kernel closes the connection at once (EOF or reset), and
 //! the watcher **revokes the successor's lease**: etcd deletes its join record and every
 //! member's membership watch reports `PeerLost`, as after a lease expiry, but within a round
-//! trip. A node that leaves gracefully says goodbye on its connections first
+//! trip. Before revoking, the watcher connects once more: a peer that greets again is alive
+//! (something between them reset the connection) and is watched on. The connections carry
+//! TCP keep-alives, so that a NAT or firewall does not drop them as idle. A node that leaves
+//! gracefully says goodbye on its connections first
 //! ([`ProbeListener::farewell`]), so that its watchers stop without revoking anything.
 //! Nothing else counts as a death: a refused or unanswered connection, or one that
 //! never greets, is retried (a router answering for a wrong address refuses too), and a
@@ -116,6 +119,21 @@ pub struct TcpProbe;
 /// partition, a firewall) is retried, never taken for a death.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Bound on the confirming connection after a watched connection ended.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// TCP keep-alives on probe connections: idle connections stay known to NATs and
+/// firewalls, and a connection silently dropped on the way fails (and is re-opened).
+fn keep_alive(stream: &TcpStream) {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
+        tracing::debug!(error = %e, "peer probe: cannot set TCP keep-alives");
+    }
+}
+
 /// The greeting a listener sends to each connection: `rdzv-probe <node id>\n`.
 fn greeting(node_id: &str) -> Vec<u8> {
     format!("rdzv-probe {node_id}\n").into_bytes()
@@ -171,11 +189,23 @@ impl PeerProbe for TcpProbe {
                     // After its greeting the peer writes only its farewell: then it leaves
                     // gracefully and there is nothing to watch. The end of the stream without
                     // one is its death.
-                    match stream.read(&mut buf).await {
-                        Ok(0) => return,
+                    let ended = match stream.read(&mut buf).await {
+                        Ok(0) => true,
                         Ok(_) => return std::future::pending().await,
-                        Err(e) if is_death(&e) => return,
-                        Err(_) => {}
+                        Err(e) => is_death(&e),
+                    };
+                    drop(stream);
+                    if ended {
+                        // Confirm: a live peer greets again (the connection was reset on
+                        // the way); a dead one refuses, or cannot answer.
+                        match tokio::time::timeout(CONFIRM_TIMEOUT, greeted(&addr, &expected)).await
+                        {
+                            Ok(Some(_)) => {
+                                tracing::debug!(%addr, "peer probe: the connection ended but the peer answers again");
+                                continue;
+                            }
+                            _ => return,
+                        }
                     }
                 }
                 tokio::time::sleep(backoff).await;
@@ -188,6 +218,7 @@ impl PeerProbe for TcpProbe {
 /// A connection to `addr` that greeted as `expected`; `None` for anything else.
 async fn greeted(addr: &str, expected: &[u8]) -> Option<TcpStream> {
     let mut stream = TcpStream::connect(addr).await.ok()?;
+    keep_alive(&stream);
     let mut got = vec![0u8; expected.len()];
     stream.read_exact(&mut got).await.ok()?;
     (got == expected).then_some(stream)
@@ -212,6 +243,7 @@ async fn hold_connections(
         tokio::select! {
             accepted = listener.accept() => {
                 if let Ok((mut stream, _)) = accepted {
+                    keep_alive(&stream);
                     let greeting = greeting.clone();
                     let watchers = watchers.clone();
                     let mut farewell = farewell.clone();
@@ -356,6 +388,39 @@ mod tests {
                 .await
                 .is_err(),
             "a peer that said goodbye was reported dead"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_reset_while_the_peer_lives_is_not_a_death() {
+        // A peer that lives on behind something that resets its first connection (a NAT's
+        // idle timeout, a middlebox): it greets, then that connection is reset; every later
+        // connection is greeted and held.
+        let server = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let mut first = true;
+            let mut held = Vec::new();
+            while let Ok((mut stream, _)) = server.accept().await {
+                if stream.write_all(&greeting("n1")).await.is_err() {
+                    continue;
+                }
+                if first {
+                    first = false;
+                    // Reset (RST) rather than close.
+                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    drop(stream);
+                } else {
+                    held.push(stream);
+                }
+            }
+        });
+        let gone = TcpProbe.watch(&addr, "n1");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1500), gone)
+                .await
+                .is_err(),
+            "a reset connection to a live peer was taken for its death"
         );
     }
 }
