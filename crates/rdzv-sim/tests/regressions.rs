@@ -698,3 +698,49 @@ fn a_lease_gone_again_while_renewing_presence_does_not_fail_the_node() {
         world.stop_all();
     });
 }
+
+/// Found by `rdzv bench --nodes 12500` (an overloaded etcd): a node *waiting* for a round
+/// whose lease renewals went unanswered for 90% of its TTL fenced itself and granted a new
+/// lease, although etcd had applied the renewals and still held the old one; thousands did so
+/// at once and the re-grants overloaded etcd more. The fence matters only to a node acting on
+/// a rank: a waiting node keeps its lease until etcd says it is gone.
+#[test]
+fn a_waiting_node_whose_renewals_go_unanswered_keeps_its_lease() {
+    use rdzv_sim::server::FaultRates;
+    run_scripted(17, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 2,
+                max_nodes: 2,
+                ttl_secs: 4,
+                last_call: Duration::ZERO,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let a = start(&mut world, 1)[0];
+        let name = world.name(a).unwrap();
+        let keys = rdzv::etcd::keys::RunKeys::new("/rdzv", "job");
+        let record = keys.member(1, &name);
+        let lease_of = |w: &World| {
+            w.etcd
+                .with_model(|m| m.get(record.as_bytes()).map(|kv| kv.lease))
+        };
+        let joined = world.wait_until(10 * SECOND, |w| lease_of(w).is_some()).await;
+        assert!(joined, "the node never joined round 1");
+        let lease = lease_of(&world);
+        // Every answer is lost (the requests are applied) for longer than the fence.
+        world.etcd.set_rates(FaultRates {
+            lose_response: 1.0,
+            ..FaultRates::none()
+        });
+        tokio::time::sleep(Duration::from_millis(3800)).await;
+        world.etcd.set_rates(FaultRates::none());
+        let b = start(&mut world, 1)[0];
+        let round = settled(&world, &[a, b], 30 * SECOND).await;
+        assert_eq!(round, 1, "the waiting node kept its place in round 1");
+        assert_eq!(lease_of(&world), lease, "the waiting node kept its lease");
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}

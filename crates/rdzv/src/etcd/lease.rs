@@ -7,10 +7,20 @@
 //! successful renewal was *sent*. etcd extends a lease from the moment it *receives* a renewal,
 //! so a node always considers itself out before etcd can expire its lease and its peers can
 //! re-form without it: a node cut off from etcd stops acting on its rank in time.
+//!
+//! The fence matters only while the node **acts** on a rank ([`KeptLease::set_acting`]). A
+//! node lease starts out *waiting*: while the node waits for a round, a renewal that gets no
+//! answer is retried without a fence, and only etcd's own "the lease is gone" loses it (an
+//! overloaded etcd answers late; fencing waiting nodes then made thousands of them re-grant
+//! leases at once, which overloaded it more). When the node is given a rank,
+//! [`KeptLease::start_acting`] checks the fence at once: a node whose last renewal is older
+//! than the fence renews now, and takes no rank unless etcd confirms its lease.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -18,17 +28,40 @@ use tracing::Instrument;
 use super::client::EtcdClient;
 use crate::RendezvousError;
 
+/// What the keep-alive task and the lease's owner share.
+#[derive(Debug)]
+struct Shared {
+    /// The send time of the last renewal etcd answered (or of the grant).
+    renewed_at: Mutex<Instant>,
+    /// Whether the node acts on a rank (the fence applies).
+    acting: AtomicBool,
+    acting_changed: Notify,
+    lost: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn renewed_at(&self) -> Instant {
+        *self
+            .renewed_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// A lease and the task that renews it.
 #[derive(Debug)]
 pub struct KeptLease {
     id: i64,
     ttl: Duration,
+    client: EtcdClient,
+    shared: Arc<Shared>,
     lost: watch::Receiver<bool>,
     task: JoinHandle<()>,
 }
 
 impl KeptLease {
-    /// Grants a lease of `ttl_secs` and starts keeping it alive.
+    /// Grants a node lease of `ttl_secs` and starts keeping it alive; it starts out waiting
+    /// (no fence until [`KeptLease::set_acting`]).
     ///
     /// # Errors
     /// [`RendezvousError::Connection`] if the grant fails.
@@ -38,23 +71,37 @@ impl KeptLease {
     pub async fn grant(client: &EtcdClient, ttl_secs: i64) -> Result<Self, RendezvousError> {
         let sent = Instant::now();
         let id = client.lease_grant(ttl_secs).await?;
-        Ok(Self::keep_from(client, id, ttl_secs, sent))
+        Ok(Self::keep_from(client, id, ttl_secs, sent, false))
     }
 
-    /// Keeps an existing lease alive (its fence counts from now).
+    /// Keeps an existing lease alive (its fence counts from now, and applies at once).
     pub fn keep(client: &EtcdClient, id: i64, ttl_secs: i64) -> Self {
-        Self::keep_from(client, id, ttl_secs, Instant::now())
+        Self::keep_from(client, id, ttl_secs, Instant::now(), true)
     }
 
-    fn keep_from(client: &EtcdClient, id: i64, ttl_secs: i64, valid_from: Instant) -> Self {
+    fn keep_from(
+        client: &EtcdClient,
+        id: i64,
+        ttl_secs: i64,
+        valid_from: Instant,
+        acting: bool,
+    ) -> Self {
         let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
         let (tx, lost) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            renewed_at: Mutex::new(valid_from),
+            acting: AtomicBool::new(acting),
+            acting_changed: Notify::new(),
+            lost: tx,
+        });
         let task = tokio::spawn(
-            keep_alive_loop(client.clone(), id, ttl, valid_from, tx).in_current_span(),
+            keep_alive_loop(client.clone(), id, ttl, shared.clone()).in_current_span(),
         );
         Self {
             id,
             ttl,
+            client: client.clone(),
+            shared,
             lost,
             task,
         }
@@ -70,7 +117,7 @@ impl KeptLease {
         self.ttl
     }
 
-    /// True once the lease is lost (etcd said so, or the fence passed).
+    /// True once the lease is lost (etcd said so, the fence passed, or it was marked).
     pub fn is_lost(&self) -> bool {
         *self.lost.borrow()
     }
@@ -78,6 +125,55 @@ impl KeptLease {
     /// A receiver that turns `true` when the lease is lost.
     pub fn lost_receiver(&self) -> watch::Receiver<bool> {
         self.lost.clone()
+    }
+
+    /// The node stops acting on a rank: while it waits, renewals that go unanswered do not
+    /// fence it (only etcd's "gone" loses the lease).
+    pub fn stop_acting(&self) {
+        self.shared.acting.store(false, Ordering::SeqCst);
+        self.shared.acting_changed.notify_one();
+    }
+
+    /// The node is about to act on a rank: from now on the fence applies. Returns false — and
+    /// the lease is then lost — unless a renewal succeeded within the fence, or one sent now
+    /// does: the node must not act.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a cancelled call leaves the node waiting.
+    pub async fn start_acting(&self) -> bool {
+        if self.is_lost() {
+            return false;
+        }
+        let fence = self.shared.renewed_at() + self.ttl - fence_margin(self.ttl);
+        if Instant::now() >= fence {
+            // The renewals went unanswered while the node waited: ask etcd now.
+            let sent = Instant::now();
+            let answer =
+                tokio::time::timeout(self.ttl / 3, self.client.lease_keep_alive(self.id)).await;
+            if !matches!(answer, Ok(Ok(true))) {
+                tracing::warn!(
+                    lease = self.id,
+                    "no lease renewal succeeded within the TTL while this node waited, nor now: \
+                     its membership may be lost"
+                );
+                self.mark_lost();
+                return false;
+            }
+            *self
+                .shared
+                .renewed_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = sent;
+        }
+        self.shared.acting.store(true, Ordering::SeqCst);
+        self.shared.acting_changed.notify_one();
+        !self.is_lost()
+    }
+
+    /// Marks the lease lost (etcd refused a request with it: it is gone).
+    pub fn mark_lost(&self) {
+        self.shared.lost.send_replace(true);
+        self.task.abort();
     }
 
     /// Stops renewing (the lease then expires after its TTL).
@@ -97,35 +193,54 @@ pub fn fence_margin(ttl: Duration) -> Duration {
     ttl / 10
 }
 
-async fn keep_alive_loop(
-    client: EtcdClient,
-    id: i64,
-    ttl: Duration,
-    valid_from: Instant,
-    lost: watch::Sender<bool>,
-) {
+async fn keep_alive_loop(client: EtcdClient, id: i64, ttl: Duration, shared: Arc<Shared>) {
     let period = ttl / 3;
-    // The send time of the last renewal etcd answered (or of the grant).
-    let mut renewed_at = valid_from;
+    let mut renewed_at = shared.renewed_at();
     let mut backoff = Duration::from_millis(50);
     let mut next = renewed_at + period;
     loop {
+        // `start_acting` may have renewed it.
+        renewed_at = renewed_at.max(shared.renewed_at());
+        let acting = shared.acting.load(Ordering::SeqCst);
         let fence = renewed_at + ttl - fence_margin(ttl);
-        tokio::time::sleep_until(next.min(fence)).await;
+        let wake = if acting { next.min(fence) } else { next };
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => {}
+            // Acting or not changes the fence: look again.
+            () = shared.acting_changed.notified() => continue,
+        }
         let sent = Instant::now();
-        if sent >= fence {
+        let acting = shared.acting.load(Ordering::SeqCst);
+        if acting && sent >= fence {
             tracing::warn!(
                 lease = id,
                 "no lease renewal succeeded within the TTL: this node's membership is lost"
             );
             break;
         }
-        // One attempt may take at most a period (and never past the fence), so that a hung
-        // member is given up in time to try another.
-        let bound = (sent + period).min(fence);
-        match tokio::time::timeout_at(bound, client.lease_keep_alive(id)).await {
+        // One attempt may take at most a period (and, while acting, never past the fence), so
+        // that a hung member is given up in time to try another.
+        let bound = if acting {
+            (sent + period).min(fence)
+        } else {
+            sent + period
+        };
+        let attempt = tokio::select! {
+            r = tokio::time::timeout_at(bound, client.lease_keep_alive(id)) => r,
+            // Starting to act brings the fence in: an attempt bounded for a waiting node
+            // must not outlive it.
+            () = shared.acting_changed.notified() => {
+                next = Instant::now();
+                continue;
+            }
+        };
+        match attempt {
             Ok(Ok(true)) => {
                 renewed_at = sent;
+                *shared
+                    .renewed_at
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = sent;
                 backoff = Duration::from_millis(50);
                 next = sent + period;
             }
@@ -144,5 +259,5 @@ async fn keep_alive_loop(
             }
         }
     }
-    let _ = lost.send(true);
+    shared.lost.send_replace(true);
 }

@@ -813,6 +813,8 @@ impl RendezvousHandler for EtcdRendezvousHandler {
         if let Some(monitor) = st.monitor.take() {
             monitor.abort();
         }
+        // No longer acting on a rank: while it waits, a slow etcd does not fence the node.
+        self.node_lease.lock().await.stop_acting();
         self.waiting.store(0, Ordering::Relaxed);
         let mut round = st.last.map_or(st.open_round, |c| c.round + 1).max(1);
         let mut attempts = 0;
@@ -848,6 +850,10 @@ impl RendezvousHandler for EtcdRendezvousHandler {
                 }
                 Ok(Step::Closed) => return Err(self.closed_error()),
                 Err(e) if is_transient(&e) || is_lease_gone(&e) => {
+                    if is_lease_gone(&e) {
+                        // etcd refused our lease: the next attempt grants a new one.
+                        self.node_lease.lock().await.mark_lost();
+                    }
                     // Join again: the join tells whether the round completed meanwhile (and
                     // this node's rank in it), or keeps this node's place in it.
                     tracing::warn!(round, error = %e, "etcd unavailable; retrying");
@@ -874,6 +880,19 @@ impl RendezvousHandler for EtcdRendezvousHandler {
                 round = result.next_round;
                 continue;
             };
+            if !self.node_lease.lock().await.start_acting().await {
+                // Its lease may have expired while it waited: it must not act on this rank.
+                // The next attempt grants a new lease and revokes the old one, so the
+                // round's members learn at once that this node is not with them.
+                tracing::warn!(
+                    round,
+                    rank,
+                    "this node's lease may have expired while it waited: it takes no rank in \
+                     round {round}"
+                );
+                round = result.next_round;
+                continue;
+            }
             let record = result.record;
             st.last = Some(Completed { round, rank });
             let used = self.client.stats().snapshot().since(&before);
