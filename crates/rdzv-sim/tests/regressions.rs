@@ -726,7 +726,9 @@ fn a_waiting_node_whose_renewals_go_unanswered_keeps_its_lease() {
             w.etcd
                 .with_model(|m| m.get(record.as_bytes()).map(|kv| kv.lease))
         };
-        let joined = world.wait_until(10 * SECOND, |w| lease_of(w).is_some()).await;
+        let joined = world
+            .wait_until(10 * SECOND, |w| lease_of(w).is_some())
+            .await;
         assert!(joined, "the node never joined round 1");
         let lease = lease_of(&world);
         // Every answer is lost (the requests are applied) for longer than the fence.

@@ -14,7 +14,8 @@
 //! overloaded etcd answers late; fencing waiting nodes then made thousands of them re-grant
 //! leases at once, which overloaded it more). When the node is given a rank,
 //! [`KeptLease::start_acting`] checks the fence at once: a node whose last renewal is older
-//! than the fence renews now, and takes no rank unless etcd confirms its lease.
+//! than the fence renews now (retrying for up to a TTL), and takes no rank unless etcd
+//! confirms its lease.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -146,24 +147,38 @@ impl KeptLease {
         }
         let fence = self.shared.renewed_at() + self.ttl - fence_margin(self.ttl);
         if Instant::now() >= fence {
-            // The renewals went unanswered while the node waited: ask etcd now.
-            let sent = Instant::now();
-            let answer =
-                tokio::time::timeout(self.ttl / 3, self.client.lease_keep_alive(self.id)).await;
-            if !matches!(answer, Ok(Ok(true))) {
+            // The renewals went unanswered while the node waited (an overloaded etcd answers
+            // late): ask etcd until it confirms the lease or says it is gone, for at most a
+            // TTL. Its peers may already act; this node acts only once it knows.
+            let give_up = Instant::now() + self.ttl;
+            loop {
+                let sent = Instant::now();
+                let answer =
+                    tokio::time::timeout(self.ttl / 3, self.client.lease_keep_alive(self.id)).await;
+                match answer {
+                    Ok(Ok(true)) => {
+                        *self
+                            .shared
+                            .renewed_at
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = sent;
+                        break;
+                    }
+                    Ok(Ok(false)) => {}
+                    _ if Instant::now() < give_up => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    _ => {}
+                }
                 tracing::warn!(
                     lease = self.id,
-                    "no lease renewal succeeded within the TTL while this node waited, nor now: \
-                     its membership may be lost"
+                    "this node's lease went unrenewed for a TTL while it waited and etcd did \
+                     not confirm it: its membership may be lost"
                 );
                 self.mark_lost();
                 return false;
             }
-            *self
-                .shared
-                .renewed_at
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = sent;
         }
         self.shared.acting.store(true, Ordering::SeqCst);
         self.shared.acting_changed.notify_one();
