@@ -433,6 +433,83 @@ fn a_killed_agent_is_noticed_in_well_under_its_ttl() {
     job.assert_no_worker_left();
 }
 
+/// Issue 13: the peer probe must not turn a connection reset while the watched agent lives
+/// (a NAT, a firewall, a middlebox) into a crash report: the watcher connects again, is
+/// greeted, and watches on — no revoked lease, no restart. The probe connections of real
+/// agents are destroyed with `ss -K` (the kernel's SOCK_DESTROY) while their workers run.
+#[test]
+fn a_probe_connection_reset_while_the_agent_lives_costs_no_restart() {
+    let mut job = Job::new("run-probe-reset");
+    let spec = AgentSpec {
+        conf: Some("last_call_timeout=1,keep_alive_ttl=60"),
+        ..AgentSpec::new("2", 1)
+            .env("WORKER_SLEEP_IF_WORLD", "2")
+            .env("WORKER_SLEEP_SECS", "6")
+    };
+    for _ in 0..2 {
+        job.start(&spec);
+    }
+    job.wait_records("2 workers running in a world of 2", |r| {
+        r.starts_with_world(2).len() == 2
+    });
+    let status = job.status();
+    let ports: Vec<String> = status["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| {
+            let probe = m["probe"]
+                .as_str()
+                .expect("each member advertises its probe");
+            probe.rsplit(':').next().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(ports.len(), 2, "{status}");
+    let filter = format!("( sport = :{} or sport = :{} )", ports[0], ports[1]);
+    let established = || {
+        let out = std::process::Command::new("ss")
+            .args(["-tnH", "state", "established", &filter])
+            .output()
+            .expect("ss");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    wait_until(
+        WAIT,
+        || {
+            format!(
+                "the agents never watched each other (ports {ports:?})\n{}",
+                job.describe()
+            )
+        },
+        || established() == 2,
+    );
+    let killed = std::process::Command::new("ss")
+        .args(["-K", "-tnH", "state", "established", &filter])
+        .output()
+        .expect("ss -K");
+    assert!(killed.status.success(), "ss -K failed: {killed:?}");
+    let destroyed = String::from_utf8_lossy(&killed.stdout).lines().count();
+    assert_eq!(destroyed, 2, "ss -K destroyed {destroyed} connection(s): {killed:?}");
+    // Both watchers connect again (and are greeted) while the workers still run.
+    wait_until(
+        WAIT,
+        || format!("the watchers did not reconnect\n{}", job.describe()),
+        || established() == 2,
+    );
+    job.expect_all_exit(0);
+    let records = job.records();
+    let context = job.describe();
+    assert_eq!(records.starts.len(), 2, "each rank started once\n{context}");
+    assert!(
+        records.starts.iter().all(|s| s.restart == 0),
+        "no restart\n{context}"
+    );
+    assert!(
+        (0..2).all(|i| !job.agents[i].stderr().contains("revoking its lease")),
+        "no lease was revoked\n{context}"
+    );
+}
+
 /// Two agents of a `--nnodes 2:3` job run (their world-4 workers sleep), then a third one
 /// arrives: every agent restarts into a world of 6, which finishes. Returns the job and each
 /// agent's `--log-dir` (given only if `log_dirs`).

@@ -62,7 +62,7 @@ pub struct KeptLease {
 
 impl KeptLease {
     /// Grants a node lease of `ttl_secs` and starts keeping it alive; it starts out waiting
-    /// (no fence until [`KeptLease::set_acting`]).
+    /// (no fence until [`KeptLease::start_acting`]).
     ///
     /// # Errors
     /// [`RendezvousError::Connection`] if the grant fails.
