@@ -489,7 +489,10 @@ fn a_probe_connection_reset_while_the_agent_lives_costs_no_restart() {
         .expect("ss -K");
     assert!(killed.status.success(), "ss -K failed: {killed:?}");
     let destroyed = String::from_utf8_lossy(&killed.stdout).lines().count();
-    assert_eq!(destroyed, 2, "ss -K destroyed {destroyed} connection(s): {killed:?}");
+    assert_eq!(
+        destroyed, 2,
+        "ss -K destroyed {destroyed} connection(s): {killed:?}"
+    );
     // Both watchers connect again (and are greeted) while the workers still run.
     wait_until(
         WAIT,
