@@ -362,3 +362,50 @@ fn bench_processes_bad_input_is_a_usage_error() {
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
 }
+
+/// A bench stopped by a signal (Ctrl-C, or `kill`, while a long round runs) left its etcd's
+/// data directory in `/tmp`: the process died before the etcd it started was dropped. It now
+/// stops cleanly, exits 128 + N and leaves nothing behind.
+#[test]
+fn a_bench_stopped_by_a_signal_leaves_no_etcd_data_behind() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let etcd_dirs = || {
+            std::fs::read_dir(tmp.path())
+                .expect("read tmp")
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rdzv-etcd"))
+                .count()
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rdzv"))
+            .args(["bench", "--nodes", "4", "--scenario", "last-call"])
+            .args(["--last-call", "60"])
+            .env("TMPDIR", tmp.path())
+            .env("RDZV_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot run rdzv bench");
+        assert!(
+            poll(Duration::from_secs(30), || etcd_dirs() == 1),
+            "the bench's etcd data directory never appeared in TMPDIR"
+        );
+        // SAFETY: kill(2) only takes integers.
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        let mut status = None;
+        assert!(
+            poll(Duration::from_secs(20), || {
+                status = child.try_wait().expect("wait");
+                status.is_some()
+            }),
+            "the bench did not stop within 20 s of signal {signal}"
+        );
+        assert_eq!(status.and_then(|s| s.code()), Some(128 + signal));
+        assert_eq!(
+            etcd_dirs(),
+            0,
+            "signal {signal} left the etcd data directory behind"
+        );
+    }
+}

@@ -322,7 +322,19 @@ fn run_blocking(args: BenchArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the participants' runtime")?;
     let _default = dispatch.as_ref().map(tracing::dispatcher::set_default);
-    let result = runtime.block_on(bench(args, profiler));
+    // SIGINT, SIGTERM, SIGHUP or SIGQUIT stop the bench cleanly: dropping its future stops
+    // the etcd it started (and removes its data directory) and ends the child processes.
+    let result = runtime.block_on(async {
+        let mut signals = crate::cmd::signals::TerminationSignals::install()
+            .context("cannot install the signal handlers")?;
+        tokio::select! {
+            r = bench(args, profiler) => r,
+            sig = signals.recv() => {
+                eprintln!("rdzv bench: stopped by signal {}", sig.signo());
+                Ok(ExitCode::from(sig.exit_code()))
+            }
+        }
+    });
     runtime.shutdown_timeout(Duration::from_secs(2));
     result
 }
