@@ -22,8 +22,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::api::{EventType, GetOptions, KeyValue};
-use super::client::is_lease_gone;
-use super::client::EtcdClient;
+use super::client::{is_lease_gone, EtcdClient};
 use super::keys::RunKeys;
 use super::probe::PeerProbe;
 use super::records::{decode, Assignment, NodeRecord, WatchedPeer};
