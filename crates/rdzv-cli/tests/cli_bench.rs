@@ -118,6 +118,29 @@ fn bench_full_rounds_one_json_line_per_size() {
     }
 }
 
+/// `--profile` printed nothing once the finaliser's debug event was renamed: the phases
+/// are read from the library's events, so a test must see them.
+#[test]
+fn bench_profile_reports_the_phases_of_the_round() {
+    let out = bench(&["--nodes", "4", "--profile", "--json"]);
+    let lines = json_lines(&out);
+    let line = &lines[0];
+    let phases = &line["phases"];
+    assert!(phases.is_object(), "no phases with --profile: {line}");
+    let wall = num(line, "wall_s");
+    for key in ["join_p50_s", "all_joined_s", "finalised_s", "notify_max_s"] {
+        let v = num(phases, key);
+        assert!(
+            (0.0..=wall).contains(&v),
+            "phase {key} = {v} outside 0..wall {wall}: {line}"
+        );
+    }
+    assert!(
+        num(phases, "all_joined_s") <= num(phases, "finalised_s"),
+        "the round was finalised before all had joined: {line}"
+    );
+}
+
 #[test]
 fn bench_leave_reforms_the_round_without_the_leaver() {
     let out = bench(&["--nodes", "4", "--scenario", "leave", "--json"]);

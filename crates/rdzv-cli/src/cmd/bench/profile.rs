@@ -116,7 +116,7 @@ where
         event.record(&mut fields);
         let mark = match fields.message.as_deref() {
             Some("joined round") => Mark::Joined,
-            Some("finalised the round") => Mark::Finalised,
+            Some("completed the round") => Mark::Finalised,
             Some("round complete") => Mark::Complete,
             _ => return,
         };
