@@ -490,3 +490,36 @@ async fn leaving_after_the_etcd_is_gone_gives_up_after_the_lease_ttl_not_the_tim
         );
     }
 }
+
+/// The members of a round of ~16,000 nodes (about 300 bytes each) make a range answer of more
+/// than 4 MiB, tonic's default bound on a decoded message: the finaliser's read of the join
+/// records failed with "decoded message length too large". etcd's own Go client accepts
+/// answers up to 2 GiB; so does ours. Six values of 1 MiB stand in for those records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_answer_larger_than_four_mebibytes_is_read() {
+    let etcd = etcd().await;
+    let client = EtcdClient::new(etcd.client().await.expect("client"));
+    let value = vec![b'x'; 1 << 20];
+    for i in 0..6 {
+        bounded(
+            LIMIT,
+            "put",
+            client.put(format!("big/{i}"), value.clone(), None),
+        )
+        .await
+        .expect("put 1 MiB");
+    }
+    let resp = bounded(
+        LIMIT,
+        "range",
+        client.get("big/", Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    .expect("a 6 MiB range answer");
+    assert_eq!(resp.kvs().len(), 6);
+    let txn = Txn::new().and_then([TxnOp::get("big/", Some(GetOptions::new().with_prefix()))]);
+    let resp = bounded(LIMIT, "txn", client.txn(txn))
+        .await
+        .expect("a 6 MiB transaction answer");
+    assert_eq!(resp.get(0).map(|g| g.kvs().len()), Some(6));
+}

@@ -33,6 +33,11 @@ use super::{
 /// request for etcd's own timeout, 5 s plus two election timeouts).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The largest answer (range, transaction, watch message) accepted: 2 GiB, as etcd's own Go
+/// client (`MaxCallRecvMsgSize`). tonic's default, 4 MiB, is the join records of a round of
+/// about 16,000 nodes.
+pub const MAX_ANSWER_BYTES: usize = i32::MAX as usize;
+
 /// An open keep-alive stream of one lease, on one endpoint.
 struct KeepAlive {
     endpoint: usize,
@@ -560,7 +565,12 @@ impl EtcdApi for GrpcEtcd {
         let (resp, _) = self
             .call(|mut c| {
                 let (key, opts) = (key.clone(), opts.clone());
-                async move { c.get(key, Some(opts)).await }
+                async move {
+                    c.kv_client()
+                        .max_decoding_message_size(MAX_ANSWER_BYTES)
+                        .get(key, Some(opts))
+                        .await
+                }
             })
             .await?;
         Ok(from_get(&resp))
@@ -571,7 +581,12 @@ impl EtcdApi for GrpcEtcd {
         let (resp, _) = self
             .call(|mut c| {
                 let txn = txn.clone();
-                async move { c.txn(txn).await }
+                async move {
+                    c.kv_client()
+                        .max_decoding_message_size(MAX_ANSWER_BYTES)
+                        .txn(txn)
+                        .await
+                }
             })
             .await?;
         Ok(from_txn(&resp))
@@ -678,7 +693,11 @@ impl EtcdApi for GrpcEtcd {
             .call(|mut c| {
                 let (key, opts) = (key.clone(), opts.clone());
                 async move {
-                    let mut stream = c.watch(key, Some(opts)).await?;
+                    let mut stream = c
+                        .watch_client()
+                        .max_decoding_message_size(MAX_ANSWER_BYTES)
+                        .watch(key, Some(opts))
+                        .await?;
                     // The first message confirms the creation, with the revision it was
                     // created at.
                     let created = stream.message().await?.ok_or_else(|| {
