@@ -563,7 +563,7 @@ impl EtcdApi for GrpcEtcd {
     async fn range(&self, key: Vec<u8>, options: GetOptions) -> Result<GetResponse, ApiError> {
         let opts = to_get_options(&key, &options);
         let (resp, _) = self
-            .call(|mut c| {
+            .call(|c| {
                 let (key, opts) = (key.clone(), opts.clone());
                 async move {
                     c.kv_client()
@@ -579,7 +579,7 @@ impl EtcdApi for GrpcEtcd {
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, ApiError> {
         let txn = to_txn(&txn);
         let (resp, _) = self
-            .call(|mut c| {
+            .call(|c| {
                 let txn = txn.clone();
                 async move {
                     c.kv_client()
@@ -690,7 +690,7 @@ impl EtcdApi for GrpcEtcd {
             opts = opts.with_start_revision(options.start_revision);
         }
         let ((stream, created), endpoint) = self
-            .call(|mut c| {
+            .call(|c| {
                 let (key, opts) = (key.clone(), opts.clone());
                 async move {
                     let mut stream = c
