@@ -141,6 +141,49 @@ fn bench_profile_reports_the_phases_of_the_round() {
     );
 }
 
+/// `etcd-limit`: the request mix of a round without the protocol, phase by phase, each
+/// phase taking time and every client served (one transaction, watch and read each).
+#[test]
+fn bench_etcd_limit_times_the_request_mix_of_a_round() {
+    let out = bench(&["--nodes", "8", "--scenario", "etcd-limit", "--json"]);
+    let lines = json_lines(&out);
+    let line = &lines[0];
+    assert_eq!(line["scenario"], "etcd-limit", "{line}");
+    let limit = &line["limit"];
+    let mut sum = 0.0;
+    for key in ["txn_s", "watch_s", "notify_s", "range_s"] {
+        let v = num(limit, key);
+        assert!(v > 0.0, "phase {key} took no time: {line}");
+        sum += v;
+    }
+    assert!(
+        (num(line, "wall_s") - sum).abs() < 1e-6,
+        "wall_s is the sum of the phases: {line}"
+    );
+    // One transaction, one watch creation and one read per client.
+    assert_eq!(num(line, "requests") as u64, 3 * 8 + 1, "{line}");
+    assert_eq!(num(line, "watch_creates") as u64, 8, "{line}");
+    assert_eq!(num(&line["etcd_requests"], "txn") as u64, 8 + 1, "{line}");
+}
+
+/// The table's first line names the etcd version measured (3.4 and 3.5 differ by 2x at
+/// 4,096 nodes).
+#[test]
+fn bench_names_the_version_of_its_etcd() {
+    let out = bench(&["--nodes", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let first = stdout.lines().next().unwrap_or_default();
+    let version = first
+        .split("own etcd ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_default();
+    assert!(
+        version.split('.').count() == 3 && version.split('.').all(|p| p.parse::<u32>().is_ok()),
+        "no etcd version in the header: {first:?}"
+    );
+}
+
 #[test]
 fn bench_leave_reforms_the_round_without_the_leaver() {
     let out = bench(&["--nodes", "4", "--scenario", "leave", "--json"]);

@@ -1,12 +1,14 @@
 //! Completing a round: one read of its join records, the rank table ([`super::ranks`]), and
 //! one guarded transaction that writes the assignments, `final`, `current = r + 1` and drops
 //! the keys of round `r - 2` — or, for a table larger than `max_txn_ops`, the same in chunks
-//! under a claim bound to the finaliser's lease.
+//! under a claim bound to the finaliser's lease (several chunks in flight at once).
 //!
 //! Every write is guarded by "`final` absent, not closed" (and the last by "`current` is
 //! `r`"), so a stale or slow finaliser changes nothing. A finaliser whose answer was lost
 //! and that tries again recognises its own claim (by its lease) and takes it over with a new
 //! token, so a lost answer never blocks the round.
+
+use futures::{StreamExt, TryStreamExt};
 
 use super::api::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
 use super::ranks::{assign_ranks, Candidate};
@@ -16,6 +18,9 @@ use super::records::{
 use super::rendezvous::EtcdRendezvousHandler;
 use super::round::RoundResult;
 use crate::RendezvousError;
+
+/// How many chunks of a large round's assignments the finaliser writes at once.
+const CHUNKS_IN_FLIGHT: usize = 8;
 
 impl EtcdRendezvousHandler {
     /// Tries to complete `round`: at once if `at_max` and `max_nodes` joined, or because its
@@ -259,17 +264,19 @@ impl EtcdRendezvousHandler {
             c.extend(self.open_guards(round));
             c
         };
-        let mut assigns = assigns.into_iter().peekable();
-        while assigns.peek().is_some() {
-            let chunk: Vec<TxnOp> = assigns.by_ref().take(self.settings.max_txn_ops).collect();
-            if !self
-                .client
-                .txn(Txn::new().when(ours()).and_then(chunk))
-                .await?
-                .succeeded()
-            {
-                return Ok(false);
-            }
+        // The chunks are independent (each guarded by the claim): several in flight at once
+        // let etcd batch them into fewer raft rounds. `final` comes only after all of them.
+        let chunks: Vec<Txn> = assigns
+            .chunks(self.settings.max_txn_ops.max(1))
+            .map(|chunk| Txn::new().when(ours()).and_then(chunk.to_vec()))
+            .collect();
+        let written: Vec<bool> = futures::stream::iter(chunks)
+            .map(|txn| async move { self.client.txn(txn).await.map(|r| r.succeeded()) })
+            .buffer_unordered(CHUNKS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        if written.contains(&false) {
+            return Ok(false);
         }
         let mut ops = finish;
         ops.push(TxnOp::delete(claim_key.clone(), None));

@@ -184,6 +184,16 @@ fn parse_labels(s: &str, labels: &mut Vec<(String, String)>) -> Option<usize> {
     }
 }
 
+/// The version of the etcd whose client address is `addr` (its `/version`: `etcdserver`).
+pub(super) async fn etcd_version(addr: &str) -> Option<String> {
+    let body = tokio::time::timeout(FETCH_LIMIT, get(addr, "/version"))
+        .await
+        .ok()?
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v.get("etcdserver")?.as_str().map(str::to_string)
+}
+
 /// `GET path` over HTTP/1.0 (the answer is not chunked and ends with the connection);
 /// returns the body of a 200 answer.
 async fn get(addr: &str, path: &str) -> anyhow::Result<String> {

@@ -55,6 +55,13 @@
 //! - `exit`: N nodes form a round, then all detach at once, as `rdzv run` does after its exit
 //!   barrier. Measured: from the first detach until all are done (and the watches settled):
 //!   what the end of a job costs.
+//! - `etcd-limit`: no protocol: N clients send a round's request mix — one transaction each,
+//!   one watch each, one event to all, one read each — phase by phase (see [`limit`]): the
+//!   floor a `full` round cannot beat on this etcd and machine. Always in this process.
+//!
+//! The header line names the version of the etcd the command started (3.4's reads copy its
+//! whole uncommitted write buffer, which makes a round of 4,096 nodes twice as slow as on
+//! 3.5).
 //!
 //! In `kill`, `leave` and `scale-up`, the event comes 0.5 s after the first round, when the members' membership
 //! watches are caught up (steady state). A member whose event channel overflowed (`Lagged`)
@@ -122,6 +129,10 @@ pub enum Scenario {
     /// N nodes form a round, then the whole job ends: all detach at once (as `rdzv run` after
     /// its exit barrier). Measured: the teardown.
     Exit,
+    /// No protocol: N clients send a round's request mix (one transaction each, one watch
+    /// each, one event to all, one read each), phase by phase: the floor a round cannot beat
+    /// on this etcd.
+    EtcdLimit,
 }
 
 impl Scenario {
@@ -134,6 +145,7 @@ impl Scenario {
             Scenario::ScaleUp => "scale-up",
             Scenario::LastCall => "last-call",
             Scenario::Exit => "exit",
+            Scenario::EtcdLimit => "etcd-limit",
         }
     }
 }
@@ -417,8 +429,13 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
     };
     let mut out = std::io::stdout().lock();
     if !args.json {
+        let version = match &ctx.metrics_addr {
+            Some(addr) => etcd_metrics::etcd_version(addr).await,
+            None => None,
+        };
+        let version = version.map_or_else(String::new, |v| format!(" {v}"));
         let etcd = match &server {
-            Some(s) => format!("own etcd at {} (pid {})", s.endpoint(), s.pid()),
+            Some(s) => format!("own etcd{version} at {} (pid {})", s.endpoint(), s.pid()),
             None => format!("etcd at {}", ctx.endpoint),
         };
         let files = match nofile {
@@ -470,6 +487,9 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
                         if let Some(p) = &report.phases {
                             writeln!(out, "{}", phases_row(p))?;
                         }
+                        if let Some(l) = &report.limit {
+                            writeln!(out, "{}", limit::limit_row(l))?;
+                        }
                         if let Some(row) = counters_row(&report) {
                             writeln!(out, "{row}")?;
                         }
@@ -517,6 +537,7 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
 mod child;
 mod children;
 mod etcd_metrics;
+mod limit;
 mod processes;
 mod profile;
 mod protocol;

@@ -152,6 +152,7 @@ impl Outcome {
             setup_s: self.setup.setup_s,
             setup_requests: self.setup.setup_requests,
             phases: None,
+            limit: None,
             etcd_requests,
             processes: Some(self.processes),
             child_pids: None,
@@ -237,7 +238,7 @@ pub(super) async fn measure(
                 SCALE_UP_LAST_CALL_S,
             ));
         }
-        Scenario::LastCall | Scenario::Exit => {
+        Scenario::LastCall | Scenario::Exit | Scenario::EtcdLimit => {
             bail!("--processes does not run the {} scenario", scenario.name())
         }
     }

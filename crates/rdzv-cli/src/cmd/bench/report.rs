@@ -48,6 +48,9 @@ pub(super) struct Report {
     pub(super) setup_s: f64,
     pub(super) setup_requests: u64,
     pub(super) phases: Option<profile::Phases>,
+    /// `etcd-limit`: the phases of the request mix and their rates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) limit: Option<limit::LimitPhases>,
     /// What the etcd this command started counted during the round (its `/metrics`; see
     /// [`EtcdCounters::since`]); absent with `--rdzv-endpoint` or when unreadable.
     pub(super) etcd_requests: Option<BTreeMap<String, u64>>,
@@ -223,6 +226,7 @@ pub(super) fn median_report(reports: Vec<Report>) -> Report {
     let mut by_wall: Vec<&Report> = reports.iter().collect();
     by_wall.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
     out.phases = by_wall[by_wall.len() / 2].phases.clone();
+    out.limit = by_wall[by_wall.len() / 2].limit.clone();
     out
 }
 

@@ -273,6 +273,9 @@ pub(super) async fn measure(ctx: &Ctx, scenario: Scenario, n: usize) -> anyhow::
     if let Some(p) = &ctx.profiler {
         p.clear();
     }
+    if scenario == Scenario::EtcdLimit {
+        return limit::measure(ctx, n).await;
+    }
     if let Some(p) = ctx.processes {
         return processes::measure(ctx, scenario, n, p).await;
     }
@@ -291,6 +294,7 @@ pub(super) async fn measure(ctx: &Ctx, scenario: Scenario, n: usize) -> anyhow::
             measure_one_round(ctx, n, Scenario::LastCall, 1, n + 1, last_call).await
         }
         Scenario::Exit => measure_exit(ctx, n).await,
+        Scenario::EtcdLimit => limit::measure(ctx, n).await,
     }
 }
 
@@ -363,6 +367,7 @@ impl Measured<'_> {
             setup_s: self.group.setup_s,
             setup_requests: self.group.setup_requests,
             phases,
+            limit: None,
             etcd_requests,
             processes: None,
             child_pids: None,
