@@ -118,6 +118,25 @@ fn bench_full_rounds_one_json_line_per_size() {
     }
 }
 
+/// Each member's assignment comes on the watch it waits on, and its membership watch goes on
+/// that watch's stream: etcd serves one watch stream per node and no read per node (before:
+/// two streams and one assignment read per node). A member whose assignment came just after
+/// `final` reads it; a few may.
+#[test]
+fn bench_a_round_costs_one_watch_stream_and_no_assignment_read_per_node() {
+    let n = 16;
+    let out = bench(&["--nodes", &n.to_string(), "--json"]);
+    let lines = json_lines(&out);
+    let etcd = &lines[0]["etcd_requests"];
+    let streams = num(etcd, "watch_streams");
+    assert!(
+        streams >= n as f64 && streams <= (n + n / 4) as f64,
+        "about one watch stream per node: {etcd}"
+    );
+    // The finaliser's read of the join records, and a few fallbacks at most.
+    assert!(num(etcd, "range") <= (1 + n / 4) as f64, "{etcd}");
+}
+
 /// `--profile` printed nothing once the finaliser's debug event was renamed: the phases
 /// are read from the library's events, so a test must see them.
 #[test]
@@ -266,12 +285,13 @@ fn bench_processes_spread_the_participants_over_children() {
         cpu_per_node > 0.0 && (cpu_per_node - num(line, "cpu_s") / 16.0).abs() < 1e-9,
         "cpu_per_node_s: {line}"
     );
-    // etcd's own counters: every participant joined (a Txn) and read its rank (a Range).
+    // etcd's own counters: every participant joined (a Txn) and watched its round (a watch
+    // stream, which also brings its rank).
     let etcd = &line["etcd_requests"];
     for (key, at_least) in [
         ("rpcs", 32.0),
         ("txn", 16.0),
-        ("range", 16.0),
+        ("watch_streams", 16.0),
         ("proposals_committed", 16.0),
     ] {
         assert!(num(etcd, key) >= at_least, "etcd_requests.{key}: {line}");

@@ -97,6 +97,8 @@ struct Rule {
 pub struct NodeLink {
     state: Mutex<LinkState>,
     rules: Mutex<Vec<Rule>>,
+    /// Range requests sent on this link.
+    ranges: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for NodeLink {
@@ -133,6 +135,12 @@ impl NodeLink {
     }
 
     /// Removes every scripted fault.
+    /// How many range requests (reads) were sent on this link.
+    pub fn ranges(&self) -> usize {
+        self.ranges.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Drops every scripted fault.
     pub fn clear_faults(&self) {
         lock(&self.rules).clear();
     }
@@ -487,6 +495,9 @@ impl SimApi {
 #[async_trait]
 impl EtcdApi for SimApi {
     async fn range(&self, key: Vec<u8>, options: GetOptions) -> Result<GetResponse, ApiError> {
+        self.link
+            .ranges
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.request(false, move |m, _| {
             Ok((m.range(&key, &options)?, Vec::new()))
         })
@@ -578,63 +589,19 @@ impl EtcdApi for SimApi {
             return Err(ApiError::NotReached("connection reset (injected)".into()));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let start = options.start_revision();
-        let end = options.range_end().map(<[u8]>::to_vec);
         let revision = {
             let mut st = lock(&self.shared().state);
-            let revision = st.model.revision();
-            let mut live = true;
-            if start > 0 {
-                match st.model.events_since(start, &key, end.as_deref()) {
-                    Ok(events) => {
-                        // Past events first, one message per revision, as etcd sends them.
-                        let mut by_rev: BTreeMap<i64, Vec<Event>> = BTreeMap::new();
-                        for e in events {
-                            by_rev.entry(e.kv.mod_revision).or_default().push(e);
-                        }
-                        for (rev, events) in by_rev {
-                            let _ = tx.send(WatchResponse {
-                                revision: rev,
-                                events,
-                                ..WatchResponse::default()
-                            });
-                        }
-                    }
-                    Err(_) => {
-                        let _ = tx.send(WatchResponse {
-                            revision,
-                            compact_revision: st.model.compact_revision(),
-                            canceled: true,
-                            cancel_reason: "required revision has been compacted".into(),
-                            ..WatchResponse::default()
-                        });
-                        live = false;
-                    }
-                }
-            }
-            tracing::trace!(start = %String::from_utf8_lossy(&key), from = start, revision, live, "sim: watch created");
-            if live {
-                // Registered under the same lock as the history read: nothing falls between.
-                let id = st.next_watcher;
-                st.next_watcher += 1;
-                st.watchers.insert(
-                    id,
-                    Watcher {
-                        start: key,
-                        end,
-                        tx,
-                    },
-                );
-            }
-            revision
+            register_watcher(&mut st, key, &options, &tx)
         };
         self.latency().await;
         self.hang_if_crashed().await;
         Ok((
             Box::new(SimWatch {
                 api: self.clone(),
+                tx: tx.downgrade(),
                 rx,
                 pending: None,
+                last: None,
                 broken: false,
             }),
             revision,
@@ -647,13 +614,75 @@ impl EtcdApi for SimApi {
     }
 }
 
+/// Registers a watcher of `[key, end)` from the options' start revision (replaying the past
+/// events, or telling of their compaction) that sends on `tx`; returns the model's revision.
+fn register_watcher(
+    st: &mut State,
+    key: Vec<u8>,
+    options: &WatchOptions,
+    tx: &mpsc::UnboundedSender<WatchResponse>,
+) -> i64 {
+    let start = options.start_revision();
+    let end = options.range_end().map(<[u8]>::to_vec);
+    let revision = st.model.revision();
+    let mut live = true;
+    if start > 0 {
+        match st.model.events_since(start, &key, end.as_deref()) {
+            Ok(events) => {
+                // Past events first, one message per revision, as etcd sends them.
+                let mut by_rev: BTreeMap<i64, Vec<Event>> = BTreeMap::new();
+                for e in events {
+                    by_rev.entry(e.kv.mod_revision).or_default().push(e);
+                }
+                for (rev, events) in by_rev {
+                    let _ = tx.send(WatchResponse {
+                        revision: rev,
+                        events,
+                        ..WatchResponse::default()
+                    });
+                }
+            }
+            Err(_) => {
+                let _ = tx.send(WatchResponse {
+                    revision,
+                    compact_revision: st.model.compact_revision(),
+                    canceled: true,
+                    cancel_reason: "required revision has been compacted".into(),
+                    ..WatchResponse::default()
+                });
+                live = false;
+            }
+        }
+    }
+    tracing::trace!(start = %String::from_utf8_lossy(&key), from = start, revision, live, "sim: watch created");
+    if live {
+        // Registered under the same lock as the history read: nothing falls between.
+        let id = st.next_watcher;
+        st.next_watcher += 1;
+        st.watchers.insert(
+            id,
+            Watcher {
+                start: key,
+                end,
+                tx: tx.clone(),
+            },
+        );
+    }
+    revision
+}
+
 /// A watch stream of a simulated node.
 struct SimWatch {
     api: SimApi,
+    /// Where this stream's watchers send (more are added by `add_watch`); weak, so that the
+    /// stream ends when its last watcher is gone, as before.
+    tx: mpsc::WeakUnboundedSender<WatchResponse>,
     rx: mpsc::UnboundedReceiver<WatchResponse>,
     /// The next message and when it is delivered (kept across cancelled calls: a watch
     /// stream's `message()` is cancel safe).
     pending: Option<(WatchResponse, Instant)>,
+    /// The revision and delivery time of the last message.
+    last: Option<(i64, Instant)>,
     broken: bool,
 }
 
@@ -685,15 +714,44 @@ impl WatchStream for SimWatch {
                     "watch stream broken (injected)".into(),
                 ));
             }
-            let (lo, hi) = rates.latency_ms;
-            let latency = Duration::from_millis(self.api.shared().rng.range_u64(lo, hi.max(lo)));
-            let stalled = link.stalled_until.filter(|t| *t > now).unwrap_or(now);
-            self.pending = Some((msg, stalled + latency));
+            let at = match self.last {
+                // etcd sends a revision's messages to the watches of one stream one after
+                // the other: they arrive together.
+                Some((rev, at)) if rev == msg.revision && at >= now => at,
+                _ => {
+                    let (lo, hi) = rates.latency_ms;
+                    let latency =
+                        Duration::from_millis(self.api.shared().rng.range_u64(lo, hi.max(lo)));
+                    let stalled = link.stalled_until.filter(|t| *t > now).unwrap_or(now);
+                    stalled + latency
+                }
+            };
+            self.last = Some((msg.revision, at));
+            self.pending = Some((msg, at));
         }
-        if let Some((_, at)) = &self.pending {
+        if let Some((_, at)) = self.pending.as_ref().filter(|(_, at)| *at > Instant::now()) {
             tokio::time::sleep_until(*at).await;
         }
         self.api.hang_if_crashed().await;
         Ok(self.pending.take().map(|(msg, _)| msg))
+    }
+
+    async fn add_watch(&mut self, key: Vec<u8>, options: WatchOptions) -> Result<(), ApiError> {
+        self.api.hang_if_crashed().await;
+        if self.broken {
+            return Err(ApiError::Unavailable("watch stream broken".into()));
+        }
+        // The request travels as a message on the stream: etcd reads it a latency later,
+        // after writes that may have happened meanwhile (whose events it then misses).
+        let api = self.api.clone();
+        let Some(tx) = self.tx.upgrade() else {
+            return Err(ApiError::Unavailable("watch stream ended".into()));
+        };
+        tokio::spawn(async move {
+            api.latency().await;
+            let mut st = lock(&api.shared().state);
+            register_watcher(&mut st, key, &options, &tx);
+        });
+        Ok(())
     }
 }

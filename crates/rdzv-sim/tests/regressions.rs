@@ -746,3 +746,41 @@ fn a_waiting_node_whose_renewals_go_unanswered_keeps_its_lease() {
         world.stop_all();
     });
 }
+
+/// Issue 13: each member read its assignment after the round's `final` (one request per node
+/// per round, after the round was complete). It now comes on the member's own watch stream,
+/// with `final` (one transaction) or before it (chunks): in a round without faults, the only
+/// read is the finaliser's read of the join records.
+#[test]
+fn a_members_assignment_comes_on_its_watch_and_is_not_read() {
+    // One transaction; then chunks of 8 (the join needs up to 8 operations).
+    for max_txn_ops in [128, 8] {
+        run_scripted(14, move |rng| async move {
+            let mut world = World::new(
+                &WorldConfig {
+                    min_nodes: 10,
+                    max_nodes: 10,
+                    max_txn_ops,
+                    ..WorldConfig::default()
+                },
+                rng,
+            );
+            let slots: Vec<usize> = (0..10).map(|_| world.add_slot()).collect();
+            for &s in &slots {
+                world.start(s);
+            }
+            assert_eq!(settled(&world, &slots, 60 * SECOND).await, 1);
+            let reads: Vec<usize> = slots
+                .iter()
+                .map(|&s| world.link(s).unwrap().ranges())
+                .collect();
+            assert_eq!(
+                reads.iter().sum::<usize>(),
+                1,
+                "one read (the finaliser's), max_txn_ops {max_txn_ops}; reads per node: {reads:?}"
+            );
+            assert_no_violations(&world);
+            world.stop_all();
+        });
+    }
+}

@@ -79,3 +79,78 @@ async fn watch_delivers_events_from_its_start_revision() {
     assert_eq!(keys, vec!["/x/a", "/x/b"]);
     assert!(client.stats().snapshot().watch_events >= 2);
 }
+
+/// The keys of a yielded batch.
+fn keys_of(item: WatchItem) -> Vec<String> {
+    match item {
+        WatchItem::Events(evs) => evs
+            .iter()
+            .map(|e| e.kv().unwrap().key_str().unwrap().to_string())
+            .collect(),
+        other => panic!("expected events, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_side_key_comes_on_the_watchs_stream_and_is_kept_not_yielded() {
+    let etcd = etcd().await;
+    let client = EtcdClient::new(etcd.client().await.unwrap());
+    let (mut watch, _) = RangeWatch::open_live(&client, "/s/", "/s0").await.unwrap();
+    watch.watch_key_too("/side/me").await;
+    // The side watch is a message on the stream: it starts when etcd reads it. A put of a
+    // key of the range after it has been answered tells that it has.
+    client.put("/s/probe", "0", None).await.unwrap();
+    let first = bounded(Duration::from_secs(10), "probe event", watch.next()).await;
+    assert_eq!(keys_of(first.unwrap()), ["/s/probe"]);
+    client.put("/side/me", "mine", None).await.unwrap();
+    client
+        .put("/side/other", "not watched", None)
+        .await
+        .unwrap();
+    client.put("/s/a", "1", None).await.unwrap();
+    let item = bounded(Duration::from_secs(10), "range event", watch.next()).await;
+    assert_eq!(
+        keys_of(item.unwrap()),
+        ["/s/a"],
+        "only the range's events are yielded"
+    );
+    let side = watch.side_value(b"/side/me").expect("the side key's value");
+    assert_eq!(side.value(), b"mine");
+    assert!(watch.side_value(b"/side/other").is_none());
+    client.delete("/side/me", None).await.unwrap();
+    client.put("/s/b", "2", None).await.unwrap();
+    bounded(Duration::from_secs(10), "range event", watch.next())
+        .await
+        .unwrap();
+    assert!(
+        watch.side_value(b"/side/me").is_none(),
+        "a deleted side key has no value"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_moved_to_another_range_yields_that_range_from_its_revision_only() {
+    let etcd = etcd().await;
+    let client = EtcdClient::new(etcd.client().await.unwrap());
+    let (mut watch, _) = RangeWatch::open_live(&client, "/old/", "/old0")
+        .await
+        .unwrap();
+    client.put("/old/a", "1", None).await.unwrap();
+    let item = bounded(Duration::from_secs(10), "old event", watch.next()).await;
+    assert_eq!(keys_of(item.unwrap()), ["/old/a"]);
+    // Written before the move, at or after its start revision: delivered.
+    let from = client.put("/new/a", "1", None).await.unwrap().revision;
+    let mut watch = watch.move_to("/new/", "/new0", from).await.unwrap();
+    client.put("/old/b", "2", None).await.unwrap();
+    client.put("/new/b", "2", None).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let item = bounded(Duration::from_secs(10), "new events", watch.next()).await;
+        seen.extend(keys_of(item.unwrap()));
+    }
+    assert_eq!(
+        seen,
+        ["/new/a", "/new/b"],
+        "the old range's events are dropped"
+    );
+}

@@ -68,6 +68,10 @@ impl RequestStats {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn count_watch_create(&self) {
+        self.watch_creates.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn count_watch_events(&self, n: usize) {
         self.watch_events.fetch_add(n as u64, Ordering::Relaxed);
     }

@@ -10,7 +10,7 @@
 
 use futures::{StreamExt, TryStreamExt};
 
-use super::api::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
+use super::api::{Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use super::ranks::{assign_ranks, Candidate};
 use super::records::{
     decode, encode, Assignment, Claim, FinalRecord, NodeRecord, WatchedPeer, SCHEMA_VERSION,
@@ -198,6 +198,7 @@ impl EtcdRendezvousHandler {
             global,
             watch,
             next_round: round + 1,
+            ctl_watch: None,
         }))
     }
 
@@ -287,22 +288,39 @@ impl EtcdRendezvousHandler {
             .succeeded())
     }
 
-    /// Reads this node's assignment in a completed round.
+    /// This node's assignment in a completed round: the one its watch delivered (`side`, the
+    /// last value of its assignment key seen) if it belongs to `record` (same token), else
+    /// read.
     pub(super) async fn read_assignment(
         &self,
         record: FinalRecord,
+        side: Option<&KeyValue>,
     ) -> Result<RoundResult, RendezvousError> {
-        let resp = self
-            .client
-            .get(self.keys.assign(record.round, &self.node.node_id), None)
-            .await?;
-        let ours = match resp.kvs().first() {
+        let mut ours = match side {
             Some(kv) => {
                 let a: Assignment = decode(kv.key(), kv.value())?;
                 (a.token == record.token).then_some(a)
             }
             None => None,
         };
+        if ours.is_none() {
+            tracing::debug!(
+                round = record.round,
+                seen = side.is_some(),
+                "assignment not delivered on the watch; reading it"
+            );
+            let resp = self
+                .client
+                .get(self.keys.assign(record.round, &self.node.node_id), None)
+                .await?;
+            ours = match resp.kvs().first() {
+                Some(kv) => {
+                    let a: Assignment = decode(kv.key(), kv.value())?;
+                    (a.token == record.token).then_some(a)
+                }
+                None => None,
+            };
+        }
         let rank = ours.as_ref().map(|a| a.rank);
         let global = ours.as_ref().and_then(super::round::global_ranks);
         let watch = ours.and_then(|a| a.watch);
@@ -313,6 +331,7 @@ impl EtcdRendezvousHandler {
             global,
             watch,
             next_round,
+            ctl_watch: None,
         })
     }
 }

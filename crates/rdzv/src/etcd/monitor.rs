@@ -43,6 +43,10 @@ pub(crate) struct MonitorArgs {
     pub lease_lost: watch::Receiver<bool>,
     /// The peer to watch for a crash, and the probe to watch it with.
     pub peer: Option<(WatchedPeer, Arc<dyn PeerProbe>)>,
+    /// The watch the node waited for the round on: the membership watch goes on its stream
+    /// (one message instead of a stream of its own).
+    /// (In a mutex only to make the arguments `Sync`.)
+    pub reuse: std::sync::Mutex<Option<RangeWatch>>,
 }
 
 /// Starts the monitor; abort the handle to stop it earlier.
@@ -273,7 +277,15 @@ async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<Verdict
     } else {
         args.from_revision
     };
-    let mut watch = RangeWatch::open(&args.client, start, end, from).await?;
+    let reuse = args
+        .reuse
+        .get_mut()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let mut watch = match reuse {
+        Some(w) => w.move_to(start, end, from).await?,
+        None => RangeWatch::open(&args.client, start, end, from).await?,
+    };
     loop {
         match watch.next().await? {
             WatchItem::Events(events) => {

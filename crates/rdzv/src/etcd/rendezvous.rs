@@ -921,6 +921,7 @@ impl RendezvousHandler for EtcdRendezvousHandler {
                     .watch
                     .filter(|_| self.settings.peer_probe)
                     .zip(self.env.probe().cloned()),
+                reuse: std::sync::Mutex::new(result.ctl_watch.map(|w| *w)),
             }));
             let store = EtcdStore::new(
                 self.client.clone(),

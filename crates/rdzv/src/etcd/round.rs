@@ -36,6 +36,8 @@ pub(super) struct RoundResult {
     pub(super) watch: Option<super::records::WatchedPeer>,
     /// The round to try next if this node has no rank (the open round, as far as known).
     pub(super) next_round: u64,
+    /// The watch this node waited on, whose stream the membership watch reuses.
+    pub(super) ctl_watch: Option<Box<RangeWatch>>,
 }
 
 /// What the join transaction told.
@@ -188,12 +190,17 @@ impl EtcdRendezvousHandler {
     ) -> Result<Step, RendezvousError> {
         // Watch the round's control keys before joining: a live watch is served at once,
         // and together with the join's snapshot nothing is missed.
-        let (watch, _) = RangeWatch::open_live(
+        let (mut watch, _) = RangeWatch::open_live(
             &self.client,
             self.keys.ctl_prefix(round),
             prefix_end(&self.keys.ctl_prefix(round)),
         )
         .await?;
+        // Its own assignment on the same stream: usually there before `final`, which then
+        // needs no read.
+        watch
+            .watch_key_too(self.keys.assign(round, &self.node.node_id))
+            .await;
         let joined = match self.join(st, round, lease).await? {
             JoinOutcome::Closed => return Ok(Step::Closed),
             JoinOutcome::Stale(open) => return Ok(Step::Stale(open)),
@@ -208,6 +215,7 @@ impl EtcdRendezvousHandler {
                     global,
                     watch,
                     next_round: open.max(round + 1),
+                    ctl_watch: None,
                 }));
             }
             JoinOutcome::Joined(j) => j,
@@ -220,8 +228,16 @@ impl EtcdRendezvousHandler {
             revision = joined.revision,
             "joined round"
         );
-        self.await_round(round, joined, prev_member, deadline, watch)
-            .await
+        let step = self
+            .await_round(round, joined, prev_member, deadline, &mut watch)
+            .await?;
+        Ok(match step {
+            Step::Done(result) => Step::Done(RoundResult {
+                ctl_watch: Some(Box::new(watch)),
+                ..result
+            }),
+            other => other,
+        })
     }
 
     async fn join(
@@ -394,7 +410,7 @@ impl EtcdRendezvousHandler {
         joined: Joined,
         prev_member: bool,
         deadline: &mut Instant,
-        mut watch: RangeWatch,
+        watch: &mut RangeWatch,
     ) -> Result<Step, RendezvousError> {
         let k = &self.keys;
         let me = self.node.node_id.clone();
@@ -462,7 +478,12 @@ impl EtcdRendezvousHandler {
                 *deadline = (*deadline).max(Instant::now() + self.settings.timeout);
             }
             if let Some(record) = view.final_record.take() {
-                return self.read_assignment(record).await.map(Step::Done);
+                watch.absorb_ready();
+                let side = watch.side_value(k.assign(round, &me).as_bytes()).cloned();
+                return self
+                    .read_assignment(record, side.as_ref())
+                    .await
+                    .map(Step::Done);
             }
             if view.closed {
                 return Err(self.closed_error());

@@ -5,9 +5,14 @@
 //! revision away, the watch re-reads the range instead and yields a [`WatchItem::Resync`]
 //! snapshot, from which the caller rebuilds its view (as kube-rs' watcher does).
 
+use std::collections::{BTreeMap, VecDeque};
+
+use futures::FutureExt;
 use std::time::Duration;
 
-use super::api::{Event, GetOptions, KeyValue, WatchOptions, WatchStream};
+use super::api::{
+    Event, EventType, GetOptions, KeyValue, WatchOptions, WatchResponse, WatchStream,
+};
 use super::client::EtcdClient;
 use crate::RendezvousError;
 
@@ -27,6 +32,11 @@ pub enum WatchItem {
 }
 
 /// A resilient watch on `[start, end)`.
+///
+/// Its stream may carry more watches: keys watched on the side ([`RangeWatch::watch_key_too`],
+/// best effort: lost with the stream) and, once this watch is done with, another range
+/// ([`RangeWatch::move_to`]) — each a message on the stream instead of a stream of its own.
+/// Events outside the range are never yielded.
 #[derive(Debug)]
 pub struct RangeWatch {
     client: EtcdClient,
@@ -34,6 +44,10 @@ pub struct RangeWatch {
     end: Vec<u8>,
     next_revision: i64,
     stream: Option<Box<dyn WatchStream>>,
+    /// Keys watched on the side, and their last value seen (`None`: none yet, or deleted).
+    side: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    /// Messages taken in by [`RangeWatch::absorb_ready`], for `next` (side keys sorted out).
+    stash: VecDeque<WatchResponse>,
 }
 
 impl RangeWatch {
@@ -56,6 +70,8 @@ impl RangeWatch {
             end: end.into(),
             next_revision: from_revision.max(1),
             stream: None,
+            side: BTreeMap::new(),
+            stash: VecDeque::new(),
         };
         watch.reopen().await?;
         Ok(watch)
@@ -84,8 +100,121 @@ impl RangeWatch {
             end,
             next_revision: revision + 1,
             stream: Some(stream),
+            side: BTreeMap::new(),
+            stash: VecDeque::new(),
         };
         Ok((watch, revision))
+    }
+
+    /// Also watches `key`, from now on, on this watch's stream (one message, no stream of its
+    /// own): its events are kept, not yielded, and [`RangeWatch::side_value`] tells its last
+    /// value seen. Best effort, a fast path only: the side watch may start after the key
+    /// changed, and it is not re-opened with a broken stream.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn watch_key_too(&mut self, key: impl Into<Vec<u8>>) {
+        let key = key.into();
+        if let Some(stream) = self.stream.as_mut() {
+            self.client.stats().count_request();
+            self.client.stats().count_watch_create();
+            if let Err(e) = stream.add_watch(key.clone(), WatchOptions::new()).await {
+                tracing::debug!(error = %e, "cannot add a watch to the stream");
+            }
+        }
+        self.side.entry(key).or_insert(None);
+    }
+
+    /// The last value of a key watched on the side that this watch has seen (`None`: none
+    /// seen, or it was deleted).
+    pub fn side_value(&self, key: &[u8]) -> Option<&KeyValue> {
+        self.side.get(key).and_then(Option::as_ref)
+    }
+
+    /// Watches `[start, end)` from `from_revision` on instead, on this watch's stream if it
+    /// still has one (one message; the old range's watch goes on on the stream, its events
+    /// dropped), else on a new stream.
+    ///
+    /// # Errors
+    /// [`RendezvousError::Connection`] if a new watch cannot be created.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn move_to(
+        self,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+        from_revision: i64,
+    ) -> Result<Self, RendezvousError> {
+        let (start, end) = (start.into(), end.into());
+        if let Some(mut stream) = self.stream {
+            let options = WatchOptions::new()
+                .with_range(end.clone())
+                .with_start_revision(from_revision.max(1));
+            self.client.stats().count_request();
+            self.client.stats().count_watch_create();
+            if stream.add_watch(start.clone(), options).await.is_ok() {
+                return Ok(Self {
+                    client: self.client,
+                    start,
+                    end,
+                    next_revision: from_revision.max(1),
+                    stream: Some(stream),
+                    side: BTreeMap::new(),
+                    stash: VecDeque::new(),
+                });
+            }
+        }
+        Self::open(&self.client, start, end, from_revision).await
+    }
+
+    /// Takes in the messages the stream has received already, without waiting: the side keys'
+    /// values are then up to date with them (the rest is kept for [`RangeWatch::next`]). etcd
+    /// sends the events of one revision to each watch of a stream in no set order: a side
+    /// key written with an event of the range may come just after it.
+    pub fn absorb_ready(&mut self) {
+        while let Some(stream) = self.stream.as_mut() {
+            match stream.message().now_or_never() {
+                None => return,
+                Some(Ok(Some(resp))) => {
+                    let resp = if resp.compact_revision() > 0 || resp.canceled() {
+                        resp
+                    } else {
+                        self.sort_out(resp, true)
+                    };
+                    if resp.compact_revision() > 0 || resp.canceled() || !resp.events.is_empty() {
+                        self.stash.push_back(resp);
+                    }
+                }
+                // Broken or ended: `next` re-opens it.
+                Some(Ok(None) | Err(_)) => self.stream = None,
+            }
+        }
+    }
+
+    /// Counts a message's events (if `count`: not when stashed) and keeps those of the side
+    /// keys; returns it with the events of the range only, without those yielded already
+    /// (should two ranges overlap, or a re-opened stream deliver them again).
+    fn sort_out(&mut self, resp: WatchResponse, count: bool) -> WatchResponse {
+        if count {
+            self.client.stats().count_watch_events(resp.events.len());
+        }
+        let mut events = resp.events;
+        events.retain(|e| {
+            if self.covers(e.kv.key()) {
+                return e.kv.mod_revision() >= self.next_revision;
+            }
+            if let Some(seen) = self.side.get_mut(e.kv.key()) {
+                *seen = (e.event_type() == EventType::Put).then(|| e.kv.clone());
+            }
+            false
+        });
+        WatchResponse { events, ..resp }
+    }
+
+    /// Whether `key` is in this watch's range.
+    fn covers(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && key < self.end.as_slice()
     }
 
     /// The revision from which the next events will come.
@@ -121,6 +250,8 @@ impl RangeWatch {
             .await?;
         let revision = resp.revision();
         self.next_revision = revision + 1;
+        // The snapshot covers whatever was taken in before it.
+        self.stash.clear();
         Ok(WatchItem::Resync {
             kvs: resp.kvs,
             revision,
@@ -138,11 +269,18 @@ impl RangeWatch {
     pub async fn next(&mut self) -> Result<WatchItem, RendezvousError> {
         let mut backoff = Duration::from_millis(50);
         loop {
-            let Some(stream) = self.stream.as_mut() else {
-                self.reopen().await?;
-                continue;
+            let stashed = !self.stash.is_empty();
+            let answer = match self.stash.pop_front() {
+                Some(resp) => Ok(Some(resp)),
+                None => {
+                    let Some(stream) = self.stream.as_mut() else {
+                        self.reopen().await?;
+                        continue;
+                    };
+                    stream.message().await
+                }
             };
-            match stream.message().await {
+            match answer {
                 Ok(Some(resp)) => {
                     if resp.compact_revision() > 0 {
                         tracing::debug!(
@@ -161,7 +299,10 @@ impl RangeWatch {
                     if resp.events.is_empty() {
                         continue;
                     }
-                    self.client.stats().count_watch_events(resp.events.len());
+                    let resp = self.sort_out(resp, !stashed);
+                    if resp.events.is_empty() {
+                        continue;
+                    }
                     tracing::trace!(
                         start = %String::from_utf8_lossy(&self.start),
                         events = resp.events.len(),

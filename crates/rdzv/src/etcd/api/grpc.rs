@@ -556,6 +556,13 @@ impl WatchStream for GrpcWatch {
             ))),
         }
     }
+
+    async fn add_watch(&mut self, key: Vec<u8>, options: WatchOptions) -> Result<(), ApiError> {
+        self.stream
+            .watch(key, Some(to_watch_options(&options)))
+            .await
+            .map_err(map_error)
+    }
 }
 
 #[async_trait]
@@ -682,13 +689,7 @@ impl EtcdApi for GrpcEtcd {
         key: Vec<u8>,
         options: WatchOptions,
     ) -> Result<(Box<dyn WatchStream>, i64), ApiError> {
-        let mut opts = ec::WatchOptions::new();
-        if let Some(end) = &options.range_end {
-            opts = opts.with_range(end.clone());
-        }
-        if options.start_revision > 0 {
-            opts = opts.with_start_revision(options.start_revision);
-        }
+        let opts = to_watch_options(&options);
         let ((stream, created), endpoint) = self
             .call(|c| {
                 let (key, opts) = (key.clone(), opts.clone());
@@ -741,6 +742,17 @@ impl EtcdApi for GrpcEtcd {
     }
 }
 
+fn to_watch_options(options: &WatchOptions) -> ec::WatchOptions {
+    let mut opts = ec::WatchOptions::new();
+    if let Some(end) = &options.range_end {
+        opts = opts.with_range(end.clone());
+    }
+    if options.start_revision > 0 {
+        opts = opts.with_start_revision(options.start_revision);
+    }
+    opts
+}
+
 /// A watch stream whose first message was read already.
 #[derive(Debug)]
 struct Prepended {
@@ -755,6 +767,10 @@ impl WatchStream for Prepended {
             return Ok(Some(first));
         }
         self.rest.message().await
+    }
+
+    async fn add_watch(&mut self, key: Vec<u8>, options: WatchOptions) -> Result<(), ApiError> {
+        self.rest.add_watch(key, options).await
     }
 }
 

@@ -113,4 +113,16 @@ pub trait WatchStream: Send + std::fmt::Debug {
     /// # Cancel safety
     /// Cancel safe: a batch is consumed only when returned.
     async fn message(&mut self) -> Result<Option<WatchResponse>, ApiError>;
+
+    /// Adds a watch on `key` (and `options`' range, from its start revision) to this stream:
+    /// its events come with the others, told apart by their keys, without a stream of its
+    /// own. Sent, not awaited: the watch starts when etcd reads the request, and it ends
+    /// with the stream.
+    ///
+    /// # Errors
+    /// [`ApiError`] if the request cannot be sent (the stream is broken).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the watch is added or not.
+    async fn add_watch(&mut self, key: Vec<u8>, options: WatchOptions) -> Result<(), ApiError>;
 }
