@@ -81,6 +81,9 @@ pub enum Fault {
     /// etcd refuses the transaction because the lease it names is gone (expired between the
     /// grant and this request, as on an overloaded etcd): not applied.
     LeaseGone,
+    /// The transaction is held on its way for this long, then applied (a slow link, a GC
+    /// pause of the sender).
+    Hold(Duration),
 }
 
 /// Matches the transactions a scripted fault applies to.
@@ -525,6 +528,10 @@ impl EtcdApi for SimApi {
                 Err(ApiError::Unavailable(
                     "response lost after the request was applied (scripted)".into(),
                 ))
+            }
+            Some(Fault::Hold(d)) => {
+                tokio::time::sleep(d).await;
+                self.request(true, move |m, _| m.txn(&txn)).await
             }
             None => self.request(true, move |m, _| m.txn(&txn)).await,
         }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use rdzv::etcd::api::TxnOp;
 use rdzv_sim::run_scripted;
 use rdzv_sim::server::{txn_writes, Fault};
 use rdzv_sim::world::{World, WorldConfig};
@@ -783,4 +784,44 @@ fn a_members_assignment_comes_on_its_watch_and_is_not_read() {
             world.stop_all();
         });
     }
+}
+
+/// Found by the soak (seed 41168): a finaliser that found too few members at the last call
+/// withdrew it even though a node had joined after its read of the join records. That join
+/// did not arm a last call (one was armed), and nothing re-armed it: the round waited for
+/// ever with enough members. The withdrawal must fail when a join came after the read.
+#[test]
+fn a_last_call_is_not_withdrawn_over_a_join_that_came_after_the_read() {
+    run_scripted(41168, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 2,
+                max_nodes: 4,
+                last_call: Duration::ZERO,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let (a, b, c) = (world.add_slot(), world.add_slot(), world.add_slot());
+        // A joins (1 of min 2) and crashes: its join still counts, its record expires.
+        world.start(a);
+        tokio::time::sleep(SECOND / 2).await;
+        world.crash(a);
+        tokio::time::sleep(5 * SECOND).await;
+        // B's join is the second: it arms the last call (0 s), finds itself alone and
+        // withdraws it — but its withdrawal is held on the way while C joins.
+        world.start(b);
+        world.link(b).unwrap().inject(Fault::Hold(SECOND), 1, |t| {
+            t.success.iter().any(|op| {
+                matches!(op, TxnOp::Delete { key, .. }
+                    if String::from_utf8_lossy(key).ends_with("/ctl/lastcall"))
+            })
+        });
+        tokio::time::sleep(SECOND / 10).await;
+        world.start(c);
+        let round = settled(&world, &[b, c], 60 * SECOND).await;
+        assert_eq!(round, 1, "B and C complete round 1");
+        assert_no_violations(&world);
+        world.stop_all();
+    });
 }

@@ -69,19 +69,25 @@ impl EtcdRendezvousHandler {
         if candidates.len() < min {
             if let (true, Some(rev)) = (due, lastcall_rev) {
                 // Members left during the last call: withdraw it; the next join re-arms it.
+                // Not if a node joined after the read: its join did not arm a last call (this
+                // one was armed), so nothing would re-arm it; the next attempt counts it.
                 let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        k.lastcall(round),
-                        CompareOp::Equal,
-                        rev,
-                    )])
+                    .when([
+                        Compare::mod_revision(k.lastcall(round), CompareOp::Equal, rev),
+                        Compare::mod_revision(
+                            k.join_seq(round),
+                            CompareOp::Less,
+                            members_revision + 1,
+                        ),
+                    ])
                     .and_then([TxnOp::delete(k.lastcall(round), None)]);
-                self.client.txn(txn).await?;
+                let withdrawn = self.client.txn(txn).await?.succeeded();
                 tracing::debug!(
                     round,
                     members = candidates.len(),
                     min,
-                    "too few members at the last call; withdrawn"
+                    withdrawn,
+                    "too few members at the last call"
                 );
             }
             return Ok(None);
