@@ -32,10 +32,13 @@
 //!   retries recognises its own claim). Too few members left at the deadline withdraw the last
 //!   call; the next join re-arms it.
 //!
-//! Each node thus sends about four requests per round (join, watch, read its assignment, watch
-//! its round's membership) and receives a constant number of watch events. After the round,
-//! the membership watch ([`super::monitor`]) reports the first change — a peer lost or left,
-//! nodes waiting, a newer round, closing, this node's own lease lost (its fence) — and stops.
+//! Each node thus sends about four requests per round — the join, and three watches on one
+//! stream: its round's control keys, its own assignment (which arrives with or before `final`,
+//! so that it is not read; a node that has not seen it by then reads it), and after the round
+//! its round's membership — and receives a constant number of watch events. etcd serves one
+//! watch stream per node. After the round, the membership watch ([`super::monitor`]) reports
+//! the first change — a peer lost or left, nodes waiting, a newer round, closing, this node's
+//! own lease lost (its fence) — and stops.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
