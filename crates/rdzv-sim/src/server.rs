@@ -102,6 +102,8 @@ pub struct NodeLink {
     rules: Mutex<Vec<Rule>>,
     /// Range requests sent on this link.
     ranges: std::sync::atomic::AtomicUsize,
+    /// Watch streams opened on this link.
+    streams: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for NodeLink {
@@ -141,6 +143,11 @@ impl NodeLink {
     /// How many range requests (reads) were sent on this link.
     pub fn ranges(&self) -> usize {
         self.ranges.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many watch streams were opened on this link.
+    pub fn watch_streams(&self) -> usize {
+        self.streams.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Drops every scripted fault.
@@ -577,6 +584,9 @@ impl EtcdApi for SimApi {
         key: Vec<u8>,
         options: WatchOptions,
     ) -> Result<(Box<dyn WatchStream>, i64), ApiError> {
+        self.link
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.hang_if_crashed().await;
         self.latency().await;
         let sent = Instant::now();

@@ -825,3 +825,42 @@ fn a_last_call_is_not_withdrawn_over_a_join_that_came_after_the_read() {
         world.stop_all();
     });
 }
+
+/// Issue 13, found at 12,500 nodes: a join refused with etcd's backpressure ("too many
+/// requests", not applied) made the node give up its attempt and open a new watch stream for
+/// the next one — more load for an overloaded etcd (18,287 streams for 12,500 nodes). The
+/// join is now retried on the watch the node has.
+#[test]
+fn an_overloaded_join_is_retried_on_the_same_watch_stream() {
+    run_scripted(13, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 3,
+                max_nodes: 3,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let slots: Vec<usize> = (0..3).map(|_| world.add_slot()).collect();
+        for &s in &slots {
+            world.start(s);
+            world.link(s).unwrap().inject(Fault::Overloaded, 3, |t| {
+                txn_writes(t, &|key: &[u8]| {
+                    String::from_utf8_lossy(key).contains("/member/")
+                })
+            });
+        }
+        assert_eq!(settled(&world, &slots, 60 * SECOND).await, 1);
+        let streams: Vec<usize> = slots
+            .iter()
+            .map(|&s| world.link(s).unwrap().watch_streams())
+            .collect();
+        assert_eq!(
+            streams,
+            [1, 1, 1],
+            "one watch stream per node, through three refused joins each"
+        );
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}

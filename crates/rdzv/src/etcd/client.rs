@@ -85,6 +85,9 @@ impl RequestStats {
 /// a member down, a request timed out, overloaded).
 const UNAVAILABLE_MARK: &str = "etcd unavailable";
 
+/// Marks etcd's backpressure ("too many requests": the request was not applied).
+const OVERLOADED_MARK: &str = ": overloaded: ";
+
 /// What etcd says of a lease that expired; we say it too.
 pub(crate) const LEASE_GONE: &str = "requested lease not found";
 
@@ -95,7 +98,7 @@ pub fn map_api_err(what: &str, err: ApiError) -> RendezvousError {
             RendezvousError::Connection(format!("{what}: {UNAVAILABLE_MARK}: {m}"))
         }
         ApiError::Overloaded(m) => {
-            RendezvousError::Connection(format!("{what}: {UNAVAILABLE_MARK}: overloaded: {m}"))
+            RendezvousError::Connection(format!("{what}: {UNAVAILABLE_MARK}{OVERLOADED_MARK}{m}"))
         }
         ApiError::LeaseNotFound => RendezvousError::Connection(format!("{what}: {LEASE_GONE}")),
         e => RendezvousError::Connection(format!("{what}: {e}")),
@@ -110,6 +113,12 @@ pub fn map_grpc_err(what: &str, err: etcd_client::Error) -> RendezvousError {
 /// True for errors that a retry may cure (see [`map_api_err`]).
 pub fn is_transient(err: &RendezvousError) -> bool {
     matches!(err, RendezvousError::Connection(m) if m.contains(UNAVAILABLE_MARK))
+}
+
+/// True if etcd refused the request with its backpressure ("too many requests"): it was not
+/// applied, and may be sent again as it is.
+pub fn is_overloaded(err: &RendezvousError) -> bool {
+    matches!(err, RendezvousError::Connection(m) if m.contains(OVERLOADED_MARK))
 }
 
 /// True if the error means that a lease (and so the keys bound to it) is gone.

@@ -65,7 +65,7 @@ use crate::{
 };
 
 /// Longest wait between retries when etcd is unavailable.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// The etcd rendezvous handler. Create it with [`EtcdRendezvousHandler::connect`].
 #[derive(Debug)]

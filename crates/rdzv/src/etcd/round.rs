@@ -8,11 +8,14 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::api::{Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
+use super::client::is_overloaded;
 use super::keys::{prefix_end, RunKeys};
 use super::records::{
     decode, encode, Assignment, Claim, ClosedRecord, FinalRecord, LastCall, NodeRecord,
 };
-use super::rendezvous::{lease_gone_error, parse_round, EtcdRendezvousHandler, RoundState};
+use super::rendezvous::{
+    lease_gone_error, parse_round, EtcdRendezvousHandler, RoundState, MAX_BACKOFF,
+};
 use super::watch::{RangeWatch, WatchItem};
 use crate::RendezvousError;
 
@@ -201,7 +204,21 @@ impl EtcdRendezvousHandler {
         watch
             .watch_key_too(self.keys.assign(round, &self.node.node_id))
             .await;
-        let joined = match self.join(st, round, lease).await? {
+        // A join refused by etcd's backpressure was not applied: it is sent again on the
+        // same watch (a new attempt would open a new stream, more load for an etcd that is
+        // behind already), after a jittered pause.
+        let mut backoff = Duration::from_millis(100);
+        let outcome = loop {
+            match self.join(st, round, lease).await {
+                Err(e) if is_overloaded(&e) && Instant::now() + backoff < *deadline => {
+                    tracing::debug!(round, error = %e, "join refused as overloaded; retrying");
+                    tokio::time::sleep(backoff.mul_f64(0.5 + self.env.fraction())).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                other => break other?,
+            }
+        };
+        let joined = match outcome {
             JoinOutcome::Closed => return Ok(Step::Closed),
             JoinOutcome::Stale(open) => return Ok(Step::Stale(open)),
             JoinOutcome::Completed(record, assignment, open) => {
