@@ -5,7 +5,8 @@
 //! `--processes`, as they do nothing but send requests) go through four phases, each starting
 //! when the previous one has ended on every client:
 //!
-//! 1. `txn`: each sends one transaction that puts a key of its own (a join's one write);
+//! 1. `txn`: each sends one transaction that puts a key of its own (a join's one write; one
+//!    refused by etcd's backpressure is sent again after a jittered pause, and counted);
 //! 2. `watch`: each opens a watch on one shared key (a waiting node's watch on its round);
 //! 3. `notify`: one put of that key reaches every watcher (the round's `final`);
 //! 4. `range`: each reads its own key (a member's read of its assignment).
@@ -124,7 +125,21 @@ pub(super) async fn measure(ctx: &Ctx, n: usize) -> anyhow::Result<Report> {
     let key = |i: usize| format!("{prefix}k/{i:08}");
     let (txn_s, mut own, _) = phase("transaction", &clients, |i, c| {
         let txn = Txn::new().and_then([TxnOp::put(key(i), vec![b'x'; VALUE_BYTES], None)]);
-        async move { Ok(c.txn(txn).await?) }
+        async move {
+            // Refused by etcd's backpressure (not applied): sent again after a jittered
+            // pause, as the protocol does; the refusals are counted (`overloaded`).
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match c.txn(txn.clone()).await {
+                    Err(e) if rdzv::etcd::client::is_overloaded(&e) => {
+                        let jitter = 0.5 + (i % 97) as f64 / 97.0;
+                        tokio::time::sleep(pause.mul_f64(jitter)).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                    other => return Ok(other?),
+                }
+            }
+        }
     })
     .await?;
     let go = format!("{prefix}go");
