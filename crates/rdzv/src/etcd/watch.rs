@@ -6,9 +6,9 @@
 //! snapshot, from which the caller rebuilds its view (as kube-rs' watcher does).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
 
 use futures::FutureExt;
-use std::time::Duration;
 
 use super::api::{
     Event, EventType, GetOptions, KeyValue, WatchOptions, WatchResponse, WatchStream,
