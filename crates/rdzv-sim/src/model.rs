@@ -451,6 +451,7 @@ impl Model {
         events.push(Event {
             event_type: EventType::Put,
             kv,
+            prev_kv: prev.clone(),
         });
         prev
     }
@@ -480,6 +481,7 @@ impl Model {
                 mod_revision: rev,
                 ..KeyValue::default()
             },
+            prev_kv: Some(old.clone()),
         });
         Some(old)
     }

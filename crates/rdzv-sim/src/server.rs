@@ -219,7 +219,18 @@ pub type Observer = Box<dyn FnMut(&Model, &[Event], Cause) + Send>;
 struct Watcher {
     start: Vec<u8>,
     end: Option<Vec<u8>>,
+    /// Whether its events carry the keys' previous values.
+    prev_kv: bool,
     tx: mpsc::UnboundedSender<WatchResponse>,
+}
+
+/// An event as a watcher gets it: the model's events carry the previous value, which etcd
+/// sends only to a watch that asked for it.
+fn as_watched(e: &Event, prev_kv: bool) -> Event {
+    Event {
+        prev_kv: if prev_kv { e.prev_kv.clone() } else { None },
+        ..e.clone()
+    }
 }
 
 struct State {
@@ -368,7 +379,7 @@ fn publish(st: &mut State, events: &[Event], cause: Cause) {
         let mine: Vec<Event> = events
             .iter()
             .filter(|e| in_range(&e.kv.key, &w.start, w.end.as_deref()))
-            .cloned()
+            .map(|e| as_watched(e, w.prev_kv))
             .collect();
         mine.is_empty()
             || w.tx
@@ -649,6 +660,7 @@ fn register_watcher(
                 // Past events first, one message per revision, as etcd sends them.
                 let mut by_rev: BTreeMap<i64, Vec<Event>> = BTreeMap::new();
                 for e in events {
+                    let e = as_watched(&e, options.prev_kv());
                     by_rev.entry(e.kv.mod_revision).or_default().push(e);
                 }
                 for (rev, events) in by_rev {
@@ -681,6 +693,7 @@ fn register_watcher(
             Watcher {
                 start: key,
                 end,
+                prev_kv: options.prev_kv(),
                 tx: tx.clone(),
             },
         );

@@ -360,13 +360,20 @@ impl Side {
     fn norm_events(&self, events: &[Event]) -> Vec<String> {
         events
             .iter()
-            .map(|e| match e.event_type {
-                EventType::Put => format!("put {}", self.norm_kv(&e.kv)),
-                EventType::Delete => format!(
-                    "delete {} m{}",
-                    String::from_utf8_lossy(&e.kv.key[self.prefix.len()..]),
-                    e.kv.mod_revision - self.base
-                ),
+            .map(|e| {
+                let event = match e.event_type {
+                    EventType::Put => format!("put {}", self.norm_kv(&e.kv)),
+                    EventType::Delete => format!(
+                        "delete {} m{}",
+                        String::from_utf8_lossy(&e.kv.key[self.prefix.len()..]),
+                        e.kv.mod_revision - self.base
+                    ),
+                };
+                // The watches ask for the previous values: they must agree too.
+                match &e.prev_kv {
+                    Some(prev) => format!("{event} (was {})", self.norm_kv(prev)),
+                    None => event,
+                }
             })
             .collect()
     }
@@ -581,7 +588,7 @@ async fn watch_real(
     expect: Option<usize>,
 ) -> Result<String, String> {
     let (k, end) = range_of(side, key, prefix);
-    let mut opts = WatchOptions::new().with_start_revision(from);
+    let mut opts = WatchOptions::new().with_start_revision(from).with_prev_kv();
     if let Some(end) = end {
         opts = opts.with_range(end);
     }

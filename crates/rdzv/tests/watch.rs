@@ -140,7 +140,7 @@ async fn a_watch_moved_to_another_range_yields_that_range_from_its_revision_only
     assert_eq!(keys_of(item.unwrap()), ["/old/a"]);
     // Written before the move, at or after its start revision: delivered.
     let from = client.put("/new/a", "1", None).await.unwrap().revision;
-    let mut watch = watch.move_to("/new/", "/new0", from).await.unwrap();
+    let mut watch = watch.move_to("/new/", "/new0", from, false).await.unwrap();
     client.put("/old/b", "2", None).await.unwrap();
     client.put("/new/b", "2", None).await.unwrap();
     let mut seen = Vec::new();
@@ -153,4 +153,23 @@ async fn a_watch_moved_to_another_range_yields_that_range_from_its_revision_only
         ["/new/a", "/new/b"],
         "the old range's events are dropped"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_asking_for_previous_values_gets_a_deleted_keys_record() {
+    let etcd = etcd().await;
+    let client = EtcdClient::new(etcd.client().await.unwrap());
+    let created = client.put("/p/a", "1", None).await.unwrap().revision;
+    let options = rdzv::etcd::api::WatchOptions::new()
+        .with_range("/p0")
+        .with_prev_kv();
+    let (mut stream, _) = client.watch("/p/", Some(options)).await.unwrap();
+    client.delete("/p/a", None).await.unwrap();
+    let msg = bounded(Duration::from_secs(10), "delete event", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let prev = msg.events[0].prev_kv.as_ref().expect("the deleted record");
+    assert_eq!(prev.value(), b"1");
+    assert_eq!(prev.create_revision(), created);
 }

@@ -98,6 +98,7 @@ impl EtcdRendezvousHandler {
         }
         let table = assign_ranks(candidates, max);
         let world_size = table.ranked.len();
+        let all_ranked = table.waiting.is_empty();
         let token = self.env.token();
         let record = FinalRecord {
             v: SCHEMA_VERSION,
@@ -108,6 +109,7 @@ impl EtcdRendezvousHandler {
             finalizer: self.node.node_id.clone(),
             min_nodes: min,
             max_nodes: max,
+            all_ranked,
         };
         let run_lease = self.run_lease_id().await?;
         let leased = || Some(PutOptions::new().with_lease(run_lease));

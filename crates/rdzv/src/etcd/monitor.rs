@@ -38,6 +38,10 @@ pub(crate) struct MonitorArgs {
     pub node_id: String,
     pub token: String,
     pub from_revision: i64,
+    /// The round's final record says every join record read got a rank (see
+    /// [`super::records::FinalRecord::all_ranked`]): a lost record's creation revision then
+    /// tells a member from a node that joined later, without a read.
+    pub all_ranked: bool,
     pub events: broadcast::Sender<MembershipEvent>,
     pub waiting: Arc<AtomicUsize>,
     pub lease_lost: watch::Receiver<bool>,
@@ -165,7 +169,16 @@ impl MonitorArgs {
         let _ = self.events.send(event);
     }
 
-    async fn is_member(&self, node_id: &str) -> Result<bool, RendezvousError> {
+    /// Whether `node_id` is a member of the round: told by its lost record (`prev`, the value
+    /// before the delete) when every record read was ranked, else read from its assignment.
+    async fn is_member(
+        &self,
+        node_id: &str,
+        prev: Option<&KeyValue>,
+    ) -> Result<bool, RendezvousError> {
+        if let Some(prev) = prev.filter(|_| self.all_ranked) {
+            return Ok(prev.create_revision() < self.from_revision);
+        }
         let resp = self
             .client
             .get(self.keys.assign(self.round, node_id), None)
@@ -202,10 +215,11 @@ impl MonitorArgs {
         &self,
         state: &mut MonitorState,
         node_id: &str,
+        prev: Option<&KeyValue>,
     ) -> Result<Verdict, RendezvousError> {
         if node_id == self.node_id
             || state.detached.contains(node_id)
-            || !self.is_member(node_id).await?
+            || !self.is_member(node_id, prev).await?
         {
             return Ok(Verdict::Continue);
         }
@@ -219,12 +233,14 @@ impl MonitorArgs {
     }
 
     /// Acts on one key of the watched range, present (`deleted == false`) or gone.
+    /// (`prev`: the key's value before a delete, if the watch delivered it.)
     async fn on_key(
         &self,
         state: &mut MonitorState,
         key: &str,
         value: &[u8],
         deleted: bool,
+        prev: Option<&KeyValue>,
     ) -> Result<Verdict, RendezvousError> {
         let Some((r, section, name)) = self.keys.parse_round_key(key) else {
             return Ok(Verdict::Continue);
@@ -242,7 +258,7 @@ impl MonitorArgs {
             });
         }
         match (r == round, section, name, deleted) {
-            (true, "member", node, true) => return self.peer_gone(state, node).await,
+            (true, "member", node, true) => return self.peer_gone(state, node, prev).await,
             (true, "member", node, false) => {
                 let rec = decode::<NodeRecord>(key.as_bytes(), value)?;
                 if rec.left {
@@ -283,8 +299,8 @@ async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<Verdict
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .take();
     let mut watch = match reuse {
-        Some(w) => w.move_to(start, end, from).await?,
-        None => RangeWatch::open(&args.client, start, end, from).await?,
+        Some(w) => w.move_to(start, end, from, true).await?,
+        None => RangeWatch::open_from(&args.client, start, end, from, true).await?,
     };
     loop {
         match watch.next().await? {
@@ -295,7 +311,9 @@ async fn run(args: &mut MonitorArgs, state: &mut MonitorState) -> Result<Verdict
                     let deleted = ev.event_type() == EventType::Delete;
                     // An event counts as seen only once acted on: after an error, the watch
                     // resumes at it.
-                    let verdict = args.on_key(state, &key, kv.value(), deleted).await?;
+                    let verdict = args
+                        .on_key(state, &key, kv.value(), deleted, ev.prev_kv.as_ref())
+                        .await?;
                     state.next_revision = kv.mod_revision() + 1;
                     match verdict {
                         Verdict::Continue => {}
@@ -332,7 +350,7 @@ async fn resync(
                 present.insert(node.to_string());
             }
         }
-        match args.on_key(state, &key, kv.value(), false).await? {
+        match args.on_key(state, &key, kv.value(), false, None).await? {
             Verdict::Continue => {}
             Verdict::Changed => state.changed = true,
             Verdict::Stop => return Ok(Verdict::Stop),
@@ -361,7 +379,8 @@ async fn resync(
     let prefix = args.keys.assign_prefix(round);
     for kv in assigns.kvs() {
         let node = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
-        if !present.contains(&node) && args.peer_gone(state, &node).await? == Verdict::Changed {
+        if !present.contains(&node) && args.peer_gone(state, &node, None).await? == Verdict::Changed
+        {
             state.changed = true;
             break;
         }

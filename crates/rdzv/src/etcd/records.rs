@@ -62,6 +62,10 @@ pub struct FinalRecord {
     pub min_nodes: usize,
     /// The run's `max_nodes` (as the finaliser had it).
     pub max_nodes: usize,
+    /// Every join record the finaliser read (at `members_revision`) got a rank: a join record
+    /// of the round created at or before that revision is a member's, any later one is not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_ranked: bool,
 }
 
 /// A member's rank.

@@ -917,6 +917,7 @@ impl RendezvousHandler for EtcdRendezvousHandler {
                 node_id: self.node.node_id.clone(),
                 token: record.token.clone(),
                 from_revision: record.members_revision + 1,
+                all_ranked: record.all_ranked,
                 events: self.events.clone(),
                 waiting: self.waiting.clone(),
                 lease_lost: self.node_lease.lock().await.lost_receiver(),

@@ -48,6 +48,8 @@ pub struct RangeWatch {
     side: BTreeMap<Vec<u8>, Option<KeyValue>>,
     /// Messages taken in by [`RangeWatch::absorb_ready`], for `next` (side keys sorted out).
     stash: VecDeque<WatchResponse>,
+    /// Whether events carry the keys' previous values.
+    prev_kv: bool,
 }
 
 impl RangeWatch {
@@ -64,6 +66,24 @@ impl RangeWatch {
         end: impl Into<Vec<u8>>,
         from_revision: i64,
     ) -> Result<Self, RendezvousError> {
+        Self::open_from(client, start, end, from_revision, false).await
+    }
+
+    /// As [`RangeWatch::open`]; with `prev_kv`, events carry the keys' previous values (a
+    /// deleted key's record, for instance).
+    ///
+    /// # Errors
+    /// [`RendezvousError::Connection`] if the watch cannot be created.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn open_from(
+        client: &EtcdClient,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+        from_revision: i64,
+        prev_kv: bool,
+    ) -> Result<Self, RendezvousError> {
         let mut watch = Self {
             client: client.clone(),
             start: start.into(),
@@ -72,6 +92,7 @@ impl RangeWatch {
             stream: None,
             side: BTreeMap::new(),
             stash: VecDeque::new(),
+            prev_kv,
         };
         watch.reopen().await?;
         Ok(watch)
@@ -102,6 +123,7 @@ impl RangeWatch {
             stream: Some(stream),
             side: BTreeMap::new(),
             stash: VecDeque::new(),
+            prev_kv: false,
         };
         Ok((watch, revision))
     }
@@ -145,12 +167,16 @@ impl RangeWatch {
         start: impl Into<Vec<u8>>,
         end: impl Into<Vec<u8>>,
         from_revision: i64,
+        prev_kv: bool,
     ) -> Result<Self, RendezvousError> {
         let (start, end) = (start.into(), end.into());
         if let Some(mut stream) = self.stream {
-            let options = WatchOptions::new()
+            let mut options = WatchOptions::new()
                 .with_range(end.clone())
                 .with_start_revision(from_revision.max(1));
+            if prev_kv {
+                options = options.with_prev_kv();
+            }
             self.client.stats().count_request();
             self.client.stats().count_watch_create();
             if stream.add_watch(start.clone(), options).await.is_ok() {
@@ -162,10 +188,11 @@ impl RangeWatch {
                     stream: Some(stream),
                     side: BTreeMap::new(),
                     stash: VecDeque::new(),
+                    prev_kv,
                 });
             }
         }
-        Self::open(&self.client, start, end, from_revision).await
+        Self::open_from(&self.client, start, end, from_revision, prev_kv).await
     }
 
     /// Takes in the messages the stream has received already, without waiting: the side keys'
@@ -223,9 +250,12 @@ impl RangeWatch {
     }
 
     async fn reopen(&mut self) -> Result<(), RendezvousError> {
-        let options = WatchOptions::new()
+        let mut options = WatchOptions::new()
             .with_range(self.end.clone())
             .with_start_revision(self.next_revision);
+        if self.prev_kv {
+            options = options.with_prev_kv();
+        }
         self.stream = Some(
             self.client
                 .watch(self.start.clone(), Some(options))

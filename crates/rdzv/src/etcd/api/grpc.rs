@@ -470,6 +470,7 @@ fn from_watch(w: &ec::WatchResponse) -> WatchResponse {
                         ec::EventType::Delete => EventType::Delete,
                     },
                     kv: from_kv(e.kv()?),
+                    prev_kv: e.prev_kv().map(from_kv),
                 })
             })
             .collect(),
@@ -749,6 +750,9 @@ fn to_watch_options(options: &WatchOptions) -> ec::WatchOptions {
     }
     if options.start_revision > 0 {
         opts = opts.with_start_revision(options.start_revision);
+    }
+    if options.prev_kv {
+        opts = opts.with_prev_key();
     }
     opts
 }

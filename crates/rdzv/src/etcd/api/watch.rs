@@ -20,6 +20,9 @@ pub struct Event {
     pub event_type: EventType,
     /// The key after the change (for a delete: the key and the deletion's revision).
     pub kv: KeyValue,
+    /// The key before the change, if the watch asked for it
+    /// ([`WatchOptions::with_prev_kv`]) and it existed.
+    pub prev_kv: Option<KeyValue>,
 }
 
 impl Event {
@@ -39,6 +42,7 @@ impl Event {
 pub struct WatchOptions {
     pub(crate) range_end: Option<Vec<u8>>,
     pub(crate) start_revision: i64,
+    pub(crate) prev_kv: bool,
 }
 
 impl WatchOptions {
@@ -57,6 +61,17 @@ impl WatchOptions {
     pub fn with_start_revision(mut self, revision: i64) -> Self {
         self.start_revision = revision;
         self
+    }
+
+    /// Events carry the key's previous value (a delete's record, for instance).
+    pub fn with_prev_kv(mut self) -> Self {
+        self.prev_kv = true;
+        self
+    }
+
+    /// Whether events carry the key's previous value.
+    pub fn prev_kv(&self) -> bool {
+        self.prev_kv
     }
 
     /// The end of the range (`None`: the single key).
