@@ -905,3 +905,41 @@ fn a_lost_member_is_told_from_a_late_joiner_without_a_read_per_survivor() {
         world.stop_all();
     });
 }
+
+/// Issue 13: a completing transaction (a chunk of assignments, `final`) refused by etcd's
+/// backpressure (not applied) failed the finaliser's attempt: it joined again on a new watch
+/// stream and read the join records again, more load for an etcd that is behind. It is now
+/// sent again as it is.
+#[test]
+fn an_overloaded_completion_is_sent_again_without_a_new_attempt() {
+    run_scripted(16, |rng| async move {
+        let mut world = World::new(
+            &WorldConfig {
+                min_nodes: 10,
+                max_nodes: 10,
+                max_txn_ops: 8,
+                ..WorldConfig::default()
+            },
+            rng,
+        );
+        let slots: Vec<usize> = (0..10).map(|_| world.add_slot()).collect();
+        for &s in &slots {
+            world.start(s);
+            world.link(s).unwrap().inject(Fault::Overloaded, 3, |t| {
+                txn_writes(t, &|key: &[u8]| {
+                    String::from_utf8_lossy(key).contains("/assign/")
+                })
+            });
+        }
+        assert_eq!(settled(&world, &slots, 60 * SECOND).await, 1);
+        let streams: Vec<usize> = slots
+            .iter()
+            .map(|&s| world.link(s).unwrap().watch_streams())
+            .collect();
+        let reads: usize = slots.iter().map(|&s| world.link(s).unwrap().ranges()).sum();
+        assert_eq!(streams, [1; 10], "one watch stream per node");
+        assert_eq!(reads, 1, "the join records are read once");
+        assert_no_violations(&world);
+        world.stop_all();
+    });
+}

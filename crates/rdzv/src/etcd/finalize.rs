@@ -8,14 +8,20 @@
 //! and that tries again recognises its own claim (by its lease) and takes it over with a new
 //! token, so a lost answer never blocks the round.
 
-use futures::{StreamExt, TryStreamExt};
+use std::time::Duration;
 
-use super::api::{Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
+use futures::{StreamExt, TryStreamExt};
+use tokio::time::Instant;
+
+use super::api::{
+    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnResponse,
+};
+use super::client::is_overloaded;
 use super::ranks::{assign_ranks, Candidate};
 use super::records::{
     decode, encode, Assignment, Claim, FinalRecord, NodeRecord, WatchedPeer, SCHEMA_VERSION,
 };
-use super::rendezvous::EtcdRendezvousHandler;
+use super::rendezvous::{EtcdRendezvousHandler, MAX_BACKOFF};
 use super::round::RoundResult;
 use crate::RendezvousError;
 
@@ -172,8 +178,7 @@ impl EtcdRendezvousHandler {
         let written = if assigns.len() + finish.len() <= self.settings.max_txn_ops {
             let mut ops = assigns;
             ops.extend(finish);
-            self.client
-                .txn(Txn::new().when(self.open_guards(round)).and_then(ops))
+            self.txn_through_overload(Txn::new().when(self.open_guards(round)).and_then(ops))
                 .await?
                 .succeeded()
         } else {
@@ -208,6 +213,24 @@ impl EtcdRendezvousHandler {
             next_round: round + 1,
             ctl_watch: None,
         }))
+    }
+
+    /// Sends `txn`; while etcd refuses it with its backpressure (not applied), again after a
+    /// jittered pause, for at most a lease TTL. A completing node that gave up would join
+    /// again on a new watch and read the join records again: more load for a busy etcd.
+    async fn txn_through_overload(&self, txn: Txn) -> Result<TxnResponse, RendezvousError> {
+        let give_up = Instant::now() + self.settings.keep_alive_ttl;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.client.txn(txn.clone()).await {
+                Err(e) if is_overloaded(&e) && Instant::now() + pause < give_up => {
+                    tracing::debug!(error = %e, "completing transaction refused as overloaded; retrying");
+                    tokio::time::sleep(pause.mul_f64(0.5 + self.env.fraction())).await;
+                    pause = (pause * 2).min(MAX_BACKOFF);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// "Round `round` is open": not final, the run not closed, `current` is `round`.
@@ -256,7 +279,7 @@ impl EtcdRendezvousHandler {
                             .and_then([put_claim()]),
                     )]),
             )]);
-        let resp = self.client.txn(take).await?;
+        let resp = self.txn_through_overload(take).await?;
         let claimed = resp.succeeded()
             && resp
                 .txn(0)
@@ -280,7 +303,7 @@ impl EtcdRendezvousHandler {
             .map(|chunk| Txn::new().when(ours()).and_then(chunk.to_vec()))
             .collect();
         let written: Vec<bool> = futures::stream::iter(chunks)
-            .map(|txn| async move { self.client.txn(txn).await.map(|r| r.succeeded()) })
+            .map(|txn| async move { self.txn_through_overload(txn).await.map(|r| r.succeeded()) })
             .buffer_unordered(CHUNKS_IN_FLIGHT)
             .try_collect()
             .await?;
@@ -290,8 +313,7 @@ impl EtcdRendezvousHandler {
         let mut ops = finish;
         ops.push(TxnOp::delete(claim_key.clone(), None));
         Ok(self
-            .client
-            .txn(Txn::new().when(ours()).and_then(ops))
+            .txn_through_overload(Txn::new().when(ours()).and_then(ops))
             .await?
             .succeeded())
     }
