@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rdzv::etcd::api::TxnOp;
 use rdzv_sim::run_scripted;
-use rdzv_sim::server::{txn_writes, Fault};
+use rdzv_sim::server::{txn_writes, Fault, NodeLink};
 use rdzv_sim::world::{World, WorldConfig};
 use tokio::time::Instant;
 
@@ -25,6 +25,36 @@ fn start(world: &mut World, n: usize) -> Vec<usize> {
             slot
         })
         .collect()
+}
+
+/// A run of `min..=max` nodes, the other settings as by default.
+fn sized(min_nodes: usize, max_nodes: usize) -> WorldConfig {
+    WorldConfig {
+        min_nodes,
+        max_nodes,
+        ..WorldConfig::default()
+    }
+}
+
+/// A counter of each node's link (`NodeLink::ranges`, `NodeLink::watch_streams`).
+fn per_link(world: &World, slots: &[usize], count: fn(&NodeLink) -> usize) -> Vec<usize> {
+    slots
+        .iter()
+        .map(|&s| count(&world.link(s).expect("a started slot")))
+        .collect()
+}
+
+/// etcd refuses the first three transactions of each of `slots` that write a key containing
+/// `part` with its backpressure (`too many requests`, not applied).
+fn overload_writes(world: &World, slots: &[usize], part: &'static str) {
+    for &s in slots {
+        world
+            .link(s)
+            .unwrap()
+            .inject(Fault::Overloaded, 3, move |t| {
+                txn_writes(t, &|key: &[u8]| String::from_utf8_lossy(key).contains(part))
+            });
+    }
 }
 
 /// Waits until exactly the nodes of `slots` act, all in one round, and returns it.
@@ -430,23 +460,9 @@ fn lost_join_answers_leave_no_stale_record_that_keeps_the_gate_closed() {
 #[test]
 fn too_many_requests_is_retried_and_the_round_completes() {
     run_scripted(13, |rng| async move {
-        let mut world = World::new(
-            &WorldConfig {
-                min_nodes: 3,
-                max_nodes: 3,
-                ..WorldConfig::default()
-            },
-            rng,
-        );
-        let slots: Vec<usize> = (0..3).map(|_| world.add_slot()).collect();
-        for &s in &slots {
-            world.start(s);
-            world.link(s).unwrap().inject(Fault::Overloaded, 3, |t| {
-                txn_writes(t, &|key: &[u8]| {
-                    String::from_utf8_lossy(key).contains("/member/")
-                })
-            });
-        }
+        let mut world = World::new(&sized(3, 3), rng);
+        let slots = start(&mut world, 3);
+        overload_writes(&world, &slots, "/member/");
         let round = settled(&world, &slots, 60 * SECOND).await;
         assert_eq!(
             round, 1,
@@ -757,24 +773,14 @@ fn a_members_assignment_comes_on_its_watch_and_is_not_read() {
     // One transaction; then chunks of 8 (the join needs up to 8 operations).
     for max_txn_ops in [128, 8] {
         run_scripted(14, move |rng| async move {
-            let mut world = World::new(
-                &WorldConfig {
-                    min_nodes: 10,
-                    max_nodes: 10,
-                    max_txn_ops,
-                    ..WorldConfig::default()
-                },
-                rng,
-            );
-            let slots: Vec<usize> = (0..10).map(|_| world.add_slot()).collect();
-            for &s in &slots {
-                world.start(s);
-            }
+            let config = WorldConfig {
+                max_txn_ops,
+                ..sized(10, 10)
+            };
+            let mut world = World::new(&config, rng);
+            let slots = start(&mut world, 10);
             assert_eq!(settled(&world, &slots, 60 * SECOND).await, 1);
-            let reads: Vec<usize> = slots
-                .iter()
-                .map(|&s| world.link(s).unwrap().ranges())
-                .collect();
+            let reads = per_link(&world, &slots, NodeLink::ranges);
             assert_eq!(
                 reads.iter().sum::<usize>(),
                 1,
@@ -793,15 +799,11 @@ fn a_members_assignment_comes_on_its_watch_and_is_not_read() {
 #[test]
 fn a_last_call_is_not_withdrawn_over_a_join_that_came_after_the_read() {
     run_scripted(41168, |rng| async move {
-        let mut world = World::new(
-            &WorldConfig {
-                min_nodes: 2,
-                max_nodes: 4,
-                last_call: Duration::ZERO,
-                ..WorldConfig::default()
-            },
-            rng,
-        );
+        let config = WorldConfig {
+            last_call: Duration::ZERO,
+            ..sized(2, 4)
+        };
+        let mut world = World::new(&config, rng);
         let (a, b, c) = (world.add_slot(), world.add_slot(), world.add_slot());
         // A joins (1 of min 2) and crashes: its join still counts, its record expires.
         world.start(a);
@@ -833,28 +835,11 @@ fn a_last_call_is_not_withdrawn_over_a_join_that_came_after_the_read() {
 #[test]
 fn an_overloaded_join_is_retried_on_the_same_watch_stream() {
     run_scripted(13, |rng| async move {
-        let mut world = World::new(
-            &WorldConfig {
-                min_nodes: 3,
-                max_nodes: 3,
-                ..WorldConfig::default()
-            },
-            rng,
-        );
-        let slots: Vec<usize> = (0..3).map(|_| world.add_slot()).collect();
-        for &s in &slots {
-            world.start(s);
-            world.link(s).unwrap().inject(Fault::Overloaded, 3, |t| {
-                txn_writes(t, &|key: &[u8]| {
-                    String::from_utf8_lossy(key).contains("/member/")
-                })
-            });
-        }
+        let mut world = World::new(&sized(3, 3), rng);
+        let slots = start(&mut world, 3);
+        overload_writes(&world, &slots, "/member/");
         assert_eq!(settled(&world, &slots, 60 * SECOND).await, 1);
-        let streams: Vec<usize> = slots
-            .iter()
-            .map(|&s| world.link(s).unwrap().watch_streams())
-            .collect();
+        let streams = per_link(&world, &slots, NodeLink::watch_streams);
         assert_eq!(
             streams,
             [1, 1, 1],
@@ -872,24 +857,11 @@ fn an_overloaded_join_is_retried_on_the_same_watch_stream() {
 #[test]
 fn a_lost_member_is_told_from_a_late_joiner_without_a_read_per_survivor() {
     run_scripted(15, |rng| async move {
-        let mut world = World::new(
-            &WorldConfig {
-                min_nodes: 4,
-                max_nodes: 5,
-                ..WorldConfig::default()
-            },
-            rng,
-        );
-        let slots: Vec<usize> = (0..5).map(|_| world.add_slot()).collect();
-        for &s in &slots {
-            world.start(s);
-        }
+        let mut world = World::new(&sized(4, 5), rng);
+        let slots = start(&mut world, 5);
         let first = settled(&world, &slots, 60 * SECOND).await;
         let reads = |world: &World| -> usize {
-            slots[1..]
-                .iter()
-                .map(|&s| world.link(s).unwrap().ranges())
-                .sum()
+            per_link(world, &slots[1..], NodeLink::ranges).iter().sum()
         };
         let before = reads(&world);
         world.crash(slots[0]);
@@ -913,30 +885,16 @@ fn a_lost_member_is_told_from_a_late_joiner_without_a_read_per_survivor() {
 #[test]
 fn an_overloaded_completion_is_sent_again_without_a_new_attempt() {
     run_scripted(16, |rng| async move {
-        let mut world = World::new(
-            &WorldConfig {
-                min_nodes: 10,
-                max_nodes: 10,
-                max_txn_ops: 8,
-                ..WorldConfig::default()
-            },
-            rng,
-        );
-        let slots: Vec<usize> = (0..10).map(|_| world.add_slot()).collect();
-        for &s in &slots {
-            world.start(s);
-            world.link(s).unwrap().inject(Fault::Overloaded, 3, |t| {
-                txn_writes(t, &|key: &[u8]| {
-                    String::from_utf8_lossy(key).contains("/assign/")
-                })
-            });
-        }
+        let config = WorldConfig {
+            max_txn_ops: 8,
+            ..sized(10, 10)
+        };
+        let mut world = World::new(&config, rng);
+        let slots = start(&mut world, 10);
+        overload_writes(&world, &slots, "/assign/");
         assert_eq!(settled(&world, &slots, 60 * SECOND).await, 1);
-        let streams: Vec<usize> = slots
-            .iter()
-            .map(|&s| world.link(s).unwrap().watch_streams())
-            .collect();
-        let reads: usize = slots.iter().map(|&s| world.link(s).unwrap().ranges()).sum();
+        let streams = per_link(&world, &slots, NodeLink::watch_streams);
+        let reads: usize = per_link(&world, &slots, NodeLink::ranges).iter().sum();
         assert_eq!(streams, [1; 10], "one watch stream per node");
         assert_eq!(reads, 1, "the join records are read once");
         assert_no_violations(&world);

@@ -102,18 +102,7 @@ pub(super) async fn measure(ctx: &Ctx, n: usize) -> anyhow::Result<Report> {
     let started = Instant::now();
     let options = ConnectionOptions::plain(&ctx.endpoint)?;
     let bar = progress_bar(ctx, n, "etcd-limit: connecting");
-    let clients = scenarios::bounded(n, ctx.setup_concurrency, &bar, |_| {
-        let options = options.clone();
-        async move {
-            let client = options.connect().await?;
-            Ok(EtcdClient::with_stats(
-                client,
-                Arc::new(RequestStats::default()),
-            ))
-        }
-    })
-    .await
-    .context("cannot connect to etcd")?;
+    let clients = scenarios::connect_clients(ctx, &options, n, &bar).await?;
     bar.finish_and_clear();
     let setup_s = started.elapsed().as_secs_f64();
     let prefix = format!(

@@ -23,18 +23,7 @@ impl Group {
         let started = Instant::now();
         let options = ConnectionOptions::from_parameters(params)?;
         let bar = progress_bar(ctx, connections + count, label);
-        let clients = bounded(connections, ctx.setup_concurrency, &bar, |_| {
-            let options = options.clone();
-            async move {
-                let client = options.connect().await?;
-                Ok(EtcdClient::with_stats(
-                    client,
-                    Arc::new(RequestStats::default()),
-                ))
-            }
-        })
-        .await
-        .context("cannot connect to etcd")?;
+        let clients = connect_clients(ctx, &options, connections, &bar).await?;
         let settings = RendezvousSettings::from_parameters(params)?;
         let handlers = bounded(count, ctx.setup_concurrency, &bar, |i| {
             let client = clients[i % connections].clone();
@@ -70,6 +59,28 @@ impl Group {
         }
         while set.join_next().await.is_some() {}
     }
+}
+
+/// Connects `count` clients, each with its own request counters, `ctx.setup_concurrency` at a
+/// time.
+pub(super) async fn connect_clients(
+    ctx: &Ctx,
+    options: &ConnectionOptions,
+    count: usize,
+    bar: &ProgressBar,
+) -> anyhow::Result<Vec<EtcdClient>> {
+    bounded(count, ctx.setup_concurrency, bar, |_| {
+        let options = options.clone();
+        async move {
+            let client = options.connect().await?;
+            Ok(EtcdClient::with_stats(
+                client,
+                Arc::new(RequestStats::default()),
+            ))
+        }
+    })
+    .await
+    .context("cannot connect to etcd")
 }
 
 /// Runs `make(i)` for `i` in `0..count`, at most `limit` at a time; results in index order.
