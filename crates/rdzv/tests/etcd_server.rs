@@ -2,7 +2,7 @@
 //! `etcd` binary.
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rdzv::etcd::server::{find_etcd_binary_from, EtcdServerOptions};
@@ -268,6 +268,57 @@ fn binary_from_env_wins_over_path() {
     let found = find_etcd_binary_from(Some(fake.as_os_str()), Some(OsStr::new("/usr/bin")))
         .expect("the env value names a file");
     assert_eq!(found, fake);
+}
+
+/// `..` up to the root, then `absolute` without its leading `/`: a relative path from the
+/// current directory to `absolute`.
+fn relative_from_cwd(absolute: &std::path::Path) -> PathBuf {
+    let cwd = std::env::current_dir().expect("current directory");
+    let mut relative = PathBuf::new();
+    for _ in cwd.components().skip(1) {
+        relative.push("..");
+    }
+    relative.join(absolute.strip_prefix("/").expect("an absolute path"))
+}
+
+/// Regression: `RDZV_ETCD_BINARY=.venv/bin/etcd rdzv bench` (the README's command) failed with
+/// "No such file or directory": etcd is spawned in its data directory, where the relative path
+/// named nothing.
+#[test]
+fn a_relative_etcd_binary_is_made_absolute() {
+    let binary = find_etcd_binary_from(None, std::env::var_os("PATH").as_deref())
+        .expect("tests need an etcd on PATH");
+    let relative = relative_from_cwd(&binary);
+    assert!(relative.is_relative(), "{}", relative.display());
+    let found = find_etcd_binary_from(Some(relative.as_os_str()), None).expect("found");
+    assert!(found.is_absolute(), "{}", found.display());
+    assert_eq!(
+        found.canonicalize().expect("canonical"),
+        binary.canonicalize().expect("canonical")
+    );
+}
+
+/// Regression: as [`a_relative_etcd_binary_is_made_absolute`], for a relative binary given
+/// in the options.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relative_etcd_binary_in_options_starts_etcd() {
+    let binary = find_etcd_binary_from(None, std::env::var_os("PATH").as_deref())
+        .expect("tests need an etcd on PATH");
+    // A link in a directory under the current one: a relative path that names nothing from
+    // anywhere else (`..` from the root stays at the root, so a path up to it would).
+    let here = tempfile::tempdir_in(".").expect("tempdir");
+    std::os::unix::fs::symlink(&binary, here.path().join("etcd")).expect("symlink");
+    let name = here.path().file_name().expect("a name");
+    let server = EtcdServer::start_with(EtcdServerOptions {
+        binary: Some(Path::new(name).join("etcd")),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("a relative binary must start etcd: {e}"));
+    let mut client = etcd_client::Client::connect([server.endpoint()], None)
+        .await
+        .expect("connect");
+    client.put("k", "v", None).await.expect("put");
 }
 
 #[test]

@@ -259,7 +259,7 @@ impl Default for EtcdServerOptions {
     }
 }
 
-/// Where the `etcd` binary is: `RDZV_ETCD_BINARY`, else `etcd` on `PATH`.
+/// Where the `etcd` binary is: `RDZV_ETCD_BINARY` (made absolute), else `etcd` on `PATH`.
 ///
 /// # Errors
 /// [`EtcdServerError::BinaryNotFound`], naming how to install etcd, when `RDZV_ETCD_BINARY` is
@@ -283,7 +283,8 @@ pub fn find_etcd_binary_from(
     if let Some(value) = env_value.filter(|v| !v.is_empty()) {
         let candidate = PathBuf::from(value);
         return match std::fs::metadata(&candidate) {
-            Ok(meta) if meta.is_file() => Ok(candidate),
+            // Absolute: etcd runs in its data directory, where a relative path names nothing.
+            Ok(meta) if meta.is_file() => Ok(std::path::absolute(&candidate).unwrap_or(candidate)),
             Ok(_) => Err(EtcdServerError::BinaryNotFound {
                 reason: format!(
                     "{ETCD_BINARY_ENV}={} is not a regular file",
@@ -801,7 +802,8 @@ fn remove_temp_dir(dir: TempDir) {
 
 fn resolve_binary(options: &EtcdServerOptions) -> Result<PathBuf, EtcdServerError> {
     match &options.binary {
-        Some(binary) => Ok(binary.clone()),
+        // Absolute: etcd runs in its data directory, where a relative path names nothing.
+        Some(binary) => Ok(std::path::absolute(binary).unwrap_or_else(|_| binary.clone())),
         None => find_etcd_binary(),
     }
 }
