@@ -654,6 +654,56 @@ fn the_model_answers_as_etcd_does() {
     }
 }
 
+/// Watches with previous values, on every way a key goes: overwritten, deleted, deleted by
+/// prefix, deleted with its lease. The protocol tells a lost member from a late joiner by a
+/// deleted record's previous value, and the random cases above reach a delete watched from
+/// before it only now and then.
+#[test]
+fn deleted_keys_carry_their_previous_values_in_the_model_as_in_etcd() {
+    let put = |key, value, lease| Op::Put {
+        key,
+        value,
+        lease,
+        prev: false,
+    };
+    let watch = |key, prefix| Op::WatchFrom {
+        key,
+        prefix,
+        back: 64,
+    };
+    let ops = vec![
+        Op::Grant { ttl: 60 },
+        put(0, 1, None),
+        put(0, 2, Some(0)),
+        put(3, 1, None),
+        put(4, 2, Some(0)),
+        put(1, 3, Some(0)),
+        Op::Delete {
+            key: 0,
+            prefix: false,
+            prev: false,
+        },
+        Op::Delete {
+            key: 3,
+            prefix: true,
+            prev: false,
+        },
+        put(5, 1, Some(0)),
+        Op::Revoke { lease: 0 },
+        watch(0, false),
+        watch(1, false),
+        watch(3, true),
+    ];
+    let rt = runtime();
+    rt.block_on(async {
+        let server = EtcdServer::start().await.expect("start etcd");
+        let etcd = GrpcEtcd::new(vec![server.client().await.expect("client")]);
+        if let Err(e) = replay(&etcd, 0, &ops).await {
+            panic!("the model and etcd disagree: {e}");
+        }
+    });
+}
+
 /// Sizes: a transaction over etcd's `--max-txn-ops` (128 by default) is refused by both.
 #[test]
 fn too_many_operations_are_refused_by_both() {
