@@ -16,12 +16,13 @@ use tokio::time::Instant;
 use super::api::{
     Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnResponse,
 };
+use super::backoff::Backoff;
 use super::client::is_overloaded;
 use super::ranks::{assign_ranks, Candidate};
 use super::records::{
     decode, encode, Assignment, Claim, FinalRecord, NodeRecord, WatchedPeer, SCHEMA_VERSION,
 };
-use super::rendezvous::{EtcdRendezvousHandler, MAX_BACKOFF};
+use super::rendezvous::EtcdRendezvousHandler;
 use super::round::RoundResult;
 use crate::RendezvousError;
 
@@ -220,13 +221,12 @@ impl EtcdRendezvousHandler {
     /// again on a new watch and read the join records again: more load for a busy etcd.
     async fn txn_through_overload(&self, txn: Txn) -> Result<TxnResponse, RendezvousError> {
         let give_up = Instant::now() + self.settings.keep_alive_ttl;
-        let mut pause = Duration::from_millis(100);
+        let mut backoff = Backoff::starting_at(Duration::from_millis(100));
         loop {
             match self.client.txn(txn.clone()).await {
-                Err(e) if is_overloaded(&e) && Instant::now() + pause < give_up => {
+                Err(e) if is_overloaded(&e) && Instant::now() + backoff.step() < give_up => {
                     tracing::debug!(error = %e, "completing transaction refused as overloaded; retrying");
-                    tokio::time::sleep(pause.mul_f64(0.5 + self.env.fraction())).await;
-                    pause = (pause * 2).min(MAX_BACKOFF);
+                    tokio::time::sleep(backoff.next_pause(self.env.fraction())).await;
                 }
                 other => return other,
             }

@@ -2,12 +2,13 @@
 //!
 //! One module per concern: [`options`] (configuration and connecting), [`conf_keys`] (which
 //! configuration keys are accepted), [`client`] (request
-//! counting and error mapping), [`keys`] (the key layout), [`records`] (what is stored),
+//! counting and error mapping), [`backoff`] (pauses between retries), [`keys`] (the key layout), [`records`] (what is stored),
 //! [`ranks`] (member selection and rank assignment, pure), [`lease`] (keep-alive),
 //! [`watch`] (a watch that recovers from compaction), [`rendezvous`] (the handler),
 //! [`store`] (the round's key-value store) and [`server`] (a throw-away etcd).
 
 pub mod api;
+pub mod backoff;
 pub mod client;
 pub mod conf_keys;
 mod finalize;

@@ -51,6 +51,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::api::{Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
+use super::backoff::Backoff;
 use super::client::{is_lease_gone, is_transient, EtcdClient, LEASE_GONE};
 use super::keys::RunKeys;
 use super::lease::KeptLease;
@@ -63,9 +64,6 @@ use super::store::EtcdStore;
 use crate::{
     MembershipEvent, RendezvousError, RendezvousHandler, RendezvousInfo, RendezvousParameters,
 };
-
-/// Longest wait between retries when etcd is unavailable.
-pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// The etcd rendezvous handler. Create it with [`EtcdRendezvousHandler::connect`].
 #[derive(Debug)]
@@ -372,13 +370,12 @@ impl EtcdRendezvousHandler {
         Fut: std::future::Future<Output = Result<T, RendezvousError>>,
     {
         let deadline = Instant::now() + limit;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::starting_at(Duration::from_millis(50));
         loop {
             match op().await {
                 Err(e) if is_transient(&e) && Instant::now() < deadline => {
                     tracing::debug!(error = %e, "{what}: etcd unavailable; retrying");
-                    tokio::time::sleep(backoff.mul_f64(0.5 + self.env.fraction())).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tokio::time::sleep(backoff.next_pause(self.env.fraction())).await;
                 }
                 other => return other,
             }
@@ -821,7 +818,7 @@ impl RendezvousHandler for EtcdRendezvousHandler {
         self.waiting.store(0, Ordering::Relaxed);
         let mut round = st.last.map_or(st.open_round, |c| c.round + 1).max(1);
         let mut attempts = 0;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::starting_at(Duration::from_millis(100));
         loop {
             attempts += 1;
             if Instant::now() >= deadline {
@@ -836,8 +833,7 @@ impl RendezvousHandler for EtcdRendezvousHandler {
             let lease = match self.node_lease_id(&mut st).await {
                 Ok(l) => l,
                 Err(e) if is_transient(&e) => {
-                    tokio::time::sleep(backoff.mul_f64(0.5 + self.env.fraction())).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tokio::time::sleep(backoff.next_pause(self.env.fraction())).await;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -862,10 +858,9 @@ impl RendezvousHandler for EtcdRendezvousHandler {
                     tracing::warn!(round, error = %e, "etcd unavailable; retrying");
                     // Jittered, so that a crowd of nodes does not retry in step.
                     let pause = backoff
-                        .mul_f64(0.5 + self.env.fraction())
+                        .next_pause(self.env.fraction())
                         .min(deadline.saturating_duration_since(Instant::now()));
                     tokio::time::sleep(pause).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
                 Err(e) => {

@@ -8,14 +8,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::api::{Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
+use super::backoff::Backoff;
 use super::client::is_overloaded;
 use super::keys::{prefix_end, RunKeys};
 use super::records::{
     decode, encode, Assignment, Claim, ClosedRecord, FinalRecord, LastCall, NodeRecord,
 };
-use super::rendezvous::{
-    lease_gone_error, parse_round, EtcdRendezvousHandler, RoundState, MAX_BACKOFF,
-};
+use super::rendezvous::{lease_gone_error, parse_round, EtcdRendezvousHandler, RoundState};
 use super::watch::{RangeWatch, WatchItem};
 use crate::RendezvousError;
 
@@ -207,13 +206,12 @@ impl EtcdRendezvousHandler {
         // A join refused by etcd's backpressure was not applied: it is sent again on the
         // same watch (a new attempt would open a new stream, more load for an etcd that is
         // behind already), after a jittered pause.
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::starting_at(Duration::from_millis(100));
         let outcome = loop {
             match self.join(st, round, lease).await {
-                Err(e) if is_overloaded(&e) && Instant::now() + backoff < *deadline => {
+                Err(e) if is_overloaded(&e) && Instant::now() + backoff.step() < *deadline => {
                     tracing::debug!(round, error = %e, "join refused as overloaded; retrying");
-                    tokio::time::sleep(backoff.mul_f64(0.5 + self.env.fraction())).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tokio::time::sleep(backoff.next_pause(self.env.fraction())).await;
                 }
                 other => break other?,
             }

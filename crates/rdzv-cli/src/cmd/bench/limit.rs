@@ -16,6 +16,7 @@
 
 use super::*;
 use rdzv::etcd::api::{PutOptions, Txn, TxnOp, WatchOptions, WatchStream};
+use rdzv::etcd::backoff::Backoff;
 use report::{
     etcd_requests_since, peak_rss_bytes, percentile, pid_cpu_s, process_cpu_s, sum_stats, Usage,
 };
@@ -117,13 +118,12 @@ pub(super) async fn measure(ctx: &Ctx, n: usize) -> anyhow::Result<Report> {
         async move {
             // Refused by etcd's backpressure (not applied): sent again after a jittered
             // pause, as the protocol does; the refusals are counted (`overloaded`).
-            let mut pause = Duration::from_millis(100);
+            let mut backoff = Backoff::starting_at(Duration::from_millis(100));
             loop {
                 match c.txn(txn.clone()).await {
                     Err(e) if rdzv::etcd::client::is_overloaded(&e) => {
-                        let jitter = 0.5 + (i % 97) as f64 / 97.0;
-                        tokio::time::sleep(pause.mul_f64(jitter)).await;
-                        pause = (pause * 2).min(Duration::from_secs(2));
+                        let pause = backoff.next_pause((i % 97) as f64 / 97.0);
+                        tokio::time::sleep(pause).await;
                     }
                     other => return Ok(other?),
                 }
