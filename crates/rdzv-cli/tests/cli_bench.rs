@@ -185,6 +185,35 @@ fn bench_etcd_limit_times_the_request_mix_of_a_round() {
     assert_eq!(num(&line["etcd_requests"], "txn") as u64, 8 + 1, "{line}");
 }
 
+/// `idle`: a running job of 6 nodes over one lease TTL sends lease renewals and nothing else
+/// (no request, no watch event), and the table gives the rates on a line below.
+#[test]
+fn bench_idle_measures_what_a_running_job_costs_per_second() {
+    let out = bench(&["--nodes", "6", "--scenario", "idle", "--ttl", "2", "--json"]);
+    let lines = json_lines(&out);
+    let line = &lines[0];
+    assert_eq!(line["scenario"], "idle", "{line}");
+    assert!(num(line, "wall_s") >= 2.0, "the window is one TTL: {line}");
+    // A lease is renewed every third of its TTL: about 3 renewals per node in the window.
+    let renewals = num(line, "keep_alives") as u64;
+    assert!(
+        (6..=5 * 6).contains(&renewals),
+        "{renewals} renewals of 6 leases in one TTL: {line}"
+    );
+    assert_eq!(num(line, "requests") as u64, 0, "churn: {line}");
+    assert_eq!(num(line, "watch_events") as u64, 0, "churn: {line}");
+    assert!(num(line, "etcd_cpu_s") >= 0.0, "{line}");
+
+    let out = bench(&["--nodes", "2", "--scenario", "idle", "--ttl", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l.starts_with("  idle for ")
+            && l.contains("lease renewals/s")
+            && l.contains("of a core")),
+        "no rates line: {stdout}"
+    );
+}
+
 /// The table's first line names the etcd version measured (3.4 and 3.5 differ by 2x at
 /// 4,096 nodes).
 #[test]

@@ -55,6 +55,10 @@
 //! - `exit`: N nodes form a round, then all detach at once, as `rdzv run` does after its exit
 //!   barrier. Measured: from the first detach until all are done (and the watches settled):
 //!   what the end of a job costs.
+//! - `idle`: N nodes form a round, then run for one `--ttl` (every lease is renewed about three
+//!   times): `wall_s` is that window, and what was sent in it (lease renewals, other requests,
+//!   watch events) and the CPU used is the steady cost of a running job; a line below gives
+//!   them per second. Nothing but renewals is expected: anything else is churn.
 //! - `etcd-limit`: no protocol: N clients send a round's request mix — one transaction each,
 //!   one watch each, one event to all, one read each — phase by phase (see [`limit`]): the
 //!   floor a `full` round cannot beat on this etcd and machine. Always in this process.
@@ -129,6 +133,9 @@ pub enum Scenario {
     /// N nodes form a round, then the whole job ends: all detach at once (as `rdzv run` after
     /// its exit barrier). Measured: the teardown.
     Exit,
+    /// N nodes form a round, then run for one lease TTL: what a running job costs etcd
+    /// (lease renewals, watches kept open) per second.
+    Idle,
     /// No protocol: N clients send a round's request mix (one transaction each, one watch
     /// each, one event to all, one read each), phase by phase: the floor a round cannot beat
     /// on this etcd.
@@ -145,6 +152,7 @@ impl Scenario {
             Scenario::ScaleUp => "scale-up",
             Scenario::LastCall => "last-call",
             Scenario::Exit => "exit",
+            Scenario::Idle => "idle",
             Scenario::EtcdLimit => "etcd-limit",
         }
     }
@@ -165,8 +173,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "K")]
     connections: Option<usize>,
 
-    /// Scenario(s): full, kill, leave, scale-up, last-call, exit (repeat the flag or separate
-    /// with commas).
+    /// Scenario(s): full, kill, leave, scale-up, last-call, exit, idle, etcd-limit (repeat the
+    /// flag or separate with commas).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "full")]
     scenario: Vec<Scenario>,
 
@@ -489,6 +497,9 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
                         }
                         if let Some(l) = &report.limit {
                             writeln!(out, "{}", limit::limit_row(l))?;
+                        }
+                        if report.scenario == Scenario::Idle {
+                            writeln!(out, "{}", idle_row(&report))?;
                         }
                         if let Some(row) = counters_row(&report) {
                             writeln!(out, "{row}")?;

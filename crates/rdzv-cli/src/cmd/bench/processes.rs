@@ -238,7 +238,7 @@ pub(super) async fn measure(
                 SCALE_UP_LAST_CALL_S,
             ));
         }
-        Scenario::LastCall | Scenario::Exit | Scenario::EtcdLimit => {
+        Scenario::LastCall | Scenario::Exit | Scenario::Idle | Scenario::EtcdLimit => {
             bail!("--processes does not run the {} scenario", scenario.name())
         }
     }

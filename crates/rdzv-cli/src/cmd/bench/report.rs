@@ -92,14 +92,16 @@ pub(super) fn table_header() -> String {
 
 pub(super) fn table_row(r: &Report) -> String {
     let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
+    // Not a number (no latency in `idle`): "-".
+    let num = |v: f64| opt(v.is_finite().then_some(v));
     format!(
-        "{:<9} {:>6} {:>8.3} {:>9.3} {:>8.3} {:>8.3} {:>8} {:>8} {:>7.2} {:>8} {:>8} {:>7.2} {:>7} {:>7.1} {:>8.2} {:>7}",
+        "{:<9} {:>6} {:>8.3} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7.2} {:>8} {:>8} {:>7.2} {:>7} {:>7.1} {:>8.2} {:>7}",
         r.scenario.name(),
         r.nodes,
         r.wall_s,
-        r.last_join_to_ranked_s,
-        r.p50_s,
-        r.p99_s,
+        num(r.last_join_to_ranked_s),
+        num(r.p50_s),
+        num(r.p99_s),
         opt(r.detect_p50_s),
         r.requests,
         r.requests_per_node,
@@ -111,6 +113,26 @@ pub(super) fn table_row(r: &Report) -> String {
         r.peak_rss_bytes as f64 / (1024.0 * 1024.0),
         r.setup_s,
         r.setup_requests,
+    )
+}
+
+/// The `idle` scenario's rates: per second of the window, and etcd's and the clients' CPU as a
+/// share of one core.
+pub(super) fn idle_row(r: &Report) -> String {
+    let per_s = |v: f64| v / r.wall_s;
+    let etcd = r.etcd_cpu_s.map_or_else(
+        || "etcd's CPU unknown (not started by this command)".to_string(),
+        |s| format!("etcd {:.1}% of a core", per_s(s) * 100.0),
+    );
+    format!(
+        "  idle for {:.1} s: {:.0} lease renewals/s (each node every {:.2} s), {:.0} other \
+         requests/s, {} watch events; {etcd}, the participants {:.1}% of a core",
+        r.wall_s,
+        per_s(r.keep_alives as f64),
+        r.wall_s * r.nodes as f64 / r.keep_alives.max(1) as f64,
+        per_s(r.requests as f64),
+        r.watch_events,
+        per_s(r.cpu_s) * 100.0,
     )
 }
 

@@ -305,6 +305,7 @@ pub(super) async fn measure(ctx: &Ctx, scenario: Scenario, n: usize) -> anyhow::
             measure_one_round(ctx, n, Scenario::LastCall, 1, n + 1, last_call).await
         }
         Scenario::Exit => measure_exit(ctx, n).await,
+        Scenario::Idle => measure_idle(ctx, n).await,
         Scenario::EtcdLimit => limit::measure(ctx, n).await,
     }
 }
@@ -818,6 +819,80 @@ pub(super) async fn measure_exit(ctx: &Ctx, n: usize) -> anyhow::Result<Report> 
         }
         .finish()
         .await
+    }
+    .await;
+    group.shutdown().await;
+    result
+}
+
+/// N nodes form a round, then run for one lease TTL (each lease is renewed about three times):
+/// the window's requests, keep-alives, watch events and CPU are the steady cost of a running
+/// job. Nothing should happen in it: a watch event or a request other than a renewal would be
+/// churn, and the line shows it.
+pub(super) async fn measure_idle(ctx: &Ctx, n: usize) -> anyhow::Result<Report> {
+    let run_id = fresh_run_id(ctx, Scenario::Idle, n);
+    let params = params_for(ctx, &run_id, n, n, 0.0)?;
+    let k = ctx.connections.unwrap_or(n).min(n);
+    let group = Group::create(ctx, &params, n, k, &format!("idle N={n}: setting up")).await?;
+    let result = async {
+        let before_round = sum_stats(&group.clients);
+        let (go_tx, go) = watch::channel(false);
+        let mut set = spawn_at_signal(&group.handlers, &go);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        go_tx.send(true).context("no participant waits")?;
+        let bar = progress_bar(ctx, n, &format!("idle N={n}: round"));
+        let results = collect(&mut set, ctx.round_timeout + Duration::from_secs(5), &bar).await?;
+        let round = check_ranks(&results, n).context("the round")?;
+        settle_watches(&group.clients, &before_round, 2 * n as u64).await;
+        tokio::time::sleep(QUIESCE).await;
+        let usage = Usage::start(ctx, &group.clients).await;
+        let window = Duration::from_secs(ctx.ttl);
+        tokio::time::sleep(window).await;
+        let used = sum_stats(&group.clients).since(&usage.stats);
+        let cpu_s = process_cpu_s() - usage.cpu_s;
+        let etcd_cpu_s = match (ctx.etcd_pid.and_then(pid_cpu_s), usage.etcd_cpu_s) {
+            (Some(now), Some(then)) => Some(now - then),
+            _ => None,
+        };
+        let wall_s = usage.at.elapsed().as_secs_f64();
+        let etcd_requests = etcd_requests_since(ctx, usage.etcd_counters.as_ref()).await;
+        Ok(Report {
+            nodes: n,
+            scenario: Scenario::Idle,
+            participants: n,
+            ranked: n,
+            runs: 1,
+            connections: group.clients.len(),
+            ttl_s: ctx.ttl,
+            last_call_s: 0.0,
+            round,
+            wall_s,
+            last_join_to_ranked_s: f64::NAN,
+            p50_s: f64::NAN,
+            p99_s: f64::NAN,
+            max_s: f64::NAN,
+            detect_p50_s: None,
+            detect_max_s: None,
+            requests: used.requests,
+            requests_per_node: used.requests as f64 / n as f64,
+            watch_creates: used.watch_creates,
+            watch_events: used.watch_events,
+            keep_alives: used.keep_alives,
+            overloaded: used.overloaded,
+            cpu_s,
+            etcd_cpu_s,
+            peak_rss_bytes: peak_rss_bytes(),
+            rss_start_bytes: usage.rss,
+            setup_s: group.setup_s,
+            setup_requests: group.setup_requests,
+            phases: None,
+            limit: None,
+            etcd_requests,
+            processes: None,
+            child_pids: None,
+            cpu_per_node_s: None,
+            rss_per_node_bytes: None,
+        })
     }
     .await;
     group.shutdown().await;
