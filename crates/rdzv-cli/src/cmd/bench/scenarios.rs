@@ -768,22 +768,34 @@ pub(super) async fn measure_scale_up(ctx: &Ctx, n: usize) -> anyhow::Result<Repo
 }
 
 /// `exit`: a full round, then every node detaches at once; measured: the teardown.
+/// The group's `n` participants form a round together, then their membership watches settle
+/// (the steady state of a running job): each participant's result, and the round.
+async fn steady_round(
+    ctx: &Ctx,
+    group: &Group,
+    n: usize,
+    name: &str,
+) -> anyhow::Result<(Vec<NodeResult>, u64)> {
+    let before_round = sum_stats(&group.clients);
+    let (go_tx, go) = watch::channel(false);
+    let mut set = spawn_at_signal(&group.handlers, &go);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    go_tx.send(true).context("no participant waits")?;
+    let bar = progress_bar(ctx, n, &format!("{name} N={n}: round"));
+    let results = collect(&mut set, ctx.round_timeout + Duration::from_secs(5), &bar).await?;
+    let round = check_ranks(&results, n).context("the round")?;
+    settle_watches(&group.clients, &before_round, 2 * n as u64).await;
+    tokio::time::sleep(QUIESCE).await;
+    Ok((results, round))
+}
+
 pub(super) async fn measure_exit(ctx: &Ctx, n: usize) -> anyhow::Result<Report> {
     let run_id = fresh_run_id(ctx, Scenario::Exit, n);
     let params = params_for(ctx, &run_id, n, n, 0.0)?;
     let k = ctx.connections.unwrap_or(n).min(n);
     let group = Group::create(ctx, &params, n, k, &format!("exit N={n}: setting up")).await?;
     let result = async {
-        let before_round = sum_stats(&group.clients);
-        let (go_tx, go) = watch::channel(false);
-        let mut set = spawn_at_signal(&group.handlers, &go);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        go_tx.send(true).context("no participant waits")?;
-        let bar = progress_bar(ctx, n, &format!("exit N={n}: round"));
-        let round = collect(&mut set, ctx.round_timeout + Duration::from_secs(5), &bar).await?;
-        check_ranks(&round, n).context("the round")?;
-        settle_watches(&group.clients, &before_round, 2 * n as u64).await;
-        tokio::time::sleep(QUIESCE).await;
+        let (round, _) = steady_round(ctx, &group, n, "exit").await?;
         let usage = Usage::start(ctx, &group.clients).await;
         let trigger = Instant::now();
         let mut detaching = JoinSet::new();
@@ -835,16 +847,7 @@ pub(super) async fn measure_idle(ctx: &Ctx, n: usize) -> anyhow::Result<Report> 
     let k = ctx.connections.unwrap_or(n).min(n);
     let group = Group::create(ctx, &params, n, k, &format!("idle N={n}: setting up")).await?;
     let result = async {
-        let before_round = sum_stats(&group.clients);
-        let (go_tx, go) = watch::channel(false);
-        let mut set = spawn_at_signal(&group.handlers, &go);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        go_tx.send(true).context("no participant waits")?;
-        let bar = progress_bar(ctx, n, &format!("idle N={n}: round"));
-        let results = collect(&mut set, ctx.round_timeout + Duration::from_secs(5), &bar).await?;
-        let round = check_ranks(&results, n).context("the round")?;
-        settle_watches(&group.clients, &before_round, 2 * n as u64).await;
-        tokio::time::sleep(QUIESCE).await;
+        let (_, round) = steady_round(ctx, &group, n, "idle").await?;
         let usage = Usage::start(ctx, &group.clients).await;
         let window = Duration::from_secs(ctx.ttl);
         tokio::time::sleep(window).await;
