@@ -71,6 +71,7 @@ impl SimConfig {
                 duplicate: p(0.1),
                 watch_break: p(0.1),
                 latency_ms: (1, rng.range_u64(3, 40)),
+                revision_spread_ms: rng.range_u64(0, 5),
             },
             close: rng.chance(0.1),
             requeue: rng.chance(0.5),

@@ -45,6 +45,10 @@ pub struct FaultRates {
     pub watch_break: f64,
     /// One-way latency, uniform in this range (milliseconds).
     pub latency_ms: (u64, u64),
+    /// etcd sends a revision's messages to the watches of one stream one after the other:
+    /// each after the first arrives up to this much later (milliseconds, uniform; 0: all
+    /// together).
+    pub revision_spread_ms: u64,
 }
 
 impl FaultRates {
@@ -57,6 +61,7 @@ impl FaultRates {
             duplicate: 0.0,
             watch_break: 0.0,
             latency_ms: (1, 3),
+            revision_spread_ms: 0,
         }
     }
 }
@@ -746,8 +751,15 @@ impl WatchStream for SimWatch {
             }
             let at = match self.last {
                 // etcd sends a revision's messages to the watches of one stream one after
-                // the other: they arrive together.
-                Some((rev, at)) if rev == msg.revision && at >= now => at,
+                // the other: they arrive together, or each a little after the one before.
+                Some((rev, at)) if rev == msg.revision && at >= now => {
+                    let spread = rates.revision_spread_ms;
+                    if spread == 0 {
+                        at
+                    } else {
+                        at + Duration::from_millis(self.api.shared().rng.range_u64(0, spread))
+                    }
+                }
                 _ => {
                     let (lo, hi) = rates.latency_ms;
                     let latency =

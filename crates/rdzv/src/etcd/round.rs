@@ -18,6 +18,11 @@ use super::rendezvous::{lease_gone_error, parse_round, EtcdRendezvousHandler, Ro
 use super::watch::{RangeWatch, WatchItem};
 use crate::RendezvousError;
 
+/// How long a ranked member waits on its watch for its assignment after `final` before it
+/// reads it instead: etcd sends the two at once, so this is only reached when the stream is
+/// lost or the member's record was gone before the finaliser's read.
+const ASSIGNMENT_IN_FLIGHT: Duration = Duration::from_secs(1);
+
 /// What one attempt at a round ended with.
 pub(super) enum Step {
     /// The round completed (with or without this node).
@@ -493,8 +498,21 @@ impl EtcdRendezvousHandler {
                 *deadline = (*deadline).max(Instant::now() + self.settings.timeout);
             }
             if let Some(record) = view.final_record.take() {
-                watch.absorb_ready();
-                let side = watch.side_value(k.assign(round, &me).as_bytes()).cloned();
+                let key = k.assign(round, &me);
+                let side = if record.all_ranked && w.revision <= record.members_revision {
+                    // Ranked: our assignment was written with `final` or before it, on this
+                    // stream, whose messages of one revision come one after the other.
+                    let token = record.token.as_bytes();
+                    let ours = |kv: &KeyValue| {
+                        decode::<Assignment>(kv.key(), kv.value())
+                            .is_ok_and(|a| a.token.as_bytes() == token)
+                    };
+                    let until = Instant::now() + ASSIGNMENT_IN_FLIGHT;
+                    watch.await_side(key.as_bytes(), until, ours).await
+                } else {
+                    watch.absorb_ready();
+                    watch.side_value(key.as_bytes()).cloned()
+                };
                 return self
                     .read_assignment(record, side.as_ref())
                     .await

@@ -203,19 +203,55 @@ impl RangeWatch {
         while let Some(stream) = self.stream.as_mut() {
             match stream.message().now_or_never() {
                 None => return,
-                Some(Ok(Some(resp))) => {
-                    let resp = if resp.compact_revision() > 0 || resp.canceled() {
-                        resp
-                    } else {
-                        self.sort_out(resp, true)
-                    };
-                    if resp.compact_revision() > 0 || resp.canceled() || !resp.events.is_empty() {
-                        self.stash.push_back(resp);
-                    }
-                }
-                // Broken or ended: `next` re-opens it.
-                Some(Ok(None) | Err(_)) => self.stream = None,
+                Some(answer) => self.take_in(answer),
             }
+        }
+    }
+
+    /// Waits, until `until` at the latest, for a value of the side key `key` that `wanted`
+    /// accepts, taking in the stream's messages as [`RangeWatch::absorb_ready`] does (the
+    /// range's events are kept for [`RangeWatch::next`]). Returns the last value of `key`
+    /// seen: not a wanted one if time ran out or the stream broke.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: every message taken in is kept before the next wait.
+    pub async fn await_side(
+        &mut self,
+        key: &[u8],
+        until: tokio::time::Instant,
+        wanted: impl Fn(&KeyValue) -> bool,
+    ) -> Option<KeyValue> {
+        loop {
+            self.absorb_ready();
+            let seen = self.side_value(key).cloned();
+            if seen.as_ref().is_some_and(&wanted) {
+                return seen;
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                return seen;
+            };
+            match tokio::time::timeout_at(until, stream.message()).await {
+                Ok(answer) => self.take_in(answer),
+                Err(_) => return seen,
+            }
+        }
+    }
+
+    /// Takes in one answer of the stream: a message is sorted out (side keys) and its range
+    /// events stashed; a broken or ended stream is dropped (`next` re-opens it).
+    fn take_in(&mut self, answer: Result<Option<WatchResponse>, super::api::ApiError>) {
+        match answer {
+            Ok(Some(resp)) => {
+                let resp = if resp.compact_revision() > 0 || resp.canceled() {
+                    resp
+                } else {
+                    self.sort_out(resp, true)
+                };
+                if resp.compact_revision() > 0 || resp.canceled() || !resp.events.is_empty() {
+                    self.stash.push_back(resp);
+                }
+            }
+            Ok(None) | Err(_) => self.stream = None,
         }
     }
 
