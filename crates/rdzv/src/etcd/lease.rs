@@ -219,10 +219,13 @@ async fn keep_alive_loop(client: EtcdClient, id: i64, ttl: Duration, shared: Arc
         let acting = shared.acting.load(Ordering::SeqCst);
         let fence = renewed_at + ttl - fence_margin(ttl);
         let wake = if acting { next.min(fence) } else { next };
+        // Biased (as every `select!` of the protocol): which branch wins when both are ready
+        // must not depend on a random draw, or a simulated run would not replay exactly.
         tokio::select! {
-            () = tokio::time::sleep_until(wake) => {}
+            biased;
             // Acting or not changes the fence: look again.
             () = shared.acting_changed.notified() => continue,
+            () = tokio::time::sleep_until(wake) => {}
         }
         let sent = Instant::now();
         let acting = shared.acting.load(Ordering::SeqCst);
@@ -241,6 +244,7 @@ async fn keep_alive_loop(client: EtcdClient, id: i64, ttl: Duration, shared: Arc
             sent + period
         };
         let attempt = tokio::select! {
+            biased;
             r = tokio::time::timeout_at(bound, client.lease_keep_alive(id)) => r,
             // Starting to act brings the fence in: an attempt bounded for a waiting node
             // must not outlive it.

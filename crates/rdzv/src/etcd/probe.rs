@@ -241,6 +241,7 @@ async fn hold_connections(
     let mut held = JoinSet::new();
     loop {
         tokio::select! {
+            biased;
             accepted = listener.accept() => {
                 if let Ok((mut stream, _)) = accepted {
                     keep_alive(&stream);
@@ -255,6 +256,7 @@ async fn hold_connections(
                         let _count = DecrementOnDrop(watchers);
                         let mut buf = [0u8; 64];
                         tokio::select! {
+                            biased;
                             // (A dropped listener says nothing: its connections just end.)
                             () = async {
                                 if farewell.wait_for(|bye| *bye).await.is_err() {
