@@ -81,13 +81,16 @@ pub fn rdzv() -> Command {
 }
 
 /// A command for `program` with a clean, predictable environment (no `PET_*`, no worker
-/// hooks, plain logs).
+/// hooks, plain logs), whose temporary files (the `torchelastic_*` log directories that an
+/// agent keeps, as torchrun does) go under the build's `target/tmp`, not `/tmp`.
 pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut cmd = Command::new(program);
     for var in SCRUBBED_VARS {
         cmd.env_remove(var);
     }
-    cmd.env("NO_COLOR", "1").env("RDZV_LOG", "info");
+    cmd.env("NO_COLOR", "1")
+        .env("RDZV_LOG", "info")
+        .env("TMPDIR", env!("CARGO_TARGET_TMPDIR"));
     cmd.stdin(Stdio::null());
     cmd
 }
