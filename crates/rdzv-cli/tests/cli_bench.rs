@@ -214,6 +214,35 @@ fn bench_idle_measures_what_a_running_job_costs_per_second() {
     );
 }
 
+/// With `--runs 3` the line is the median, and it lists every run's wall time, sorted, so
+/// that what the median hides can be seen.
+#[test]
+fn bench_reports_the_wall_time_of_every_run() {
+    let out = bench(&["--nodes", "4", "--runs", "3", "--json"]);
+    let lines = json_lines(&out);
+    let line = &lines[0];
+    let walls: Vec<f64> = line["wall_runs_s"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no wall_runs_s: {line}"))
+        .iter()
+        .filter_map(serde_json::Value::as_f64)
+        .collect();
+    assert_eq!(walls.len(), 3, "{line}");
+    assert!(walls.windows(2).all(|w| w[0] <= w[1]), "sorted: {line}");
+    assert_eq!(
+        walls[1],
+        num(line, "wall_s"),
+        "the median is the middle run: {line}"
+    );
+
+    let out = bench(&["--nodes", "2", "--runs", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l.starts_with("  runs: wall_s ")),
+        "no runs line: {stdout}"
+    );
+}
+
 /// The table's first line names the etcd version measured (3.4 and 3.5 differ by 2x at
 /// 4,096 nodes).
 #[test]

@@ -236,6 +236,7 @@ pub(super) async fn measure(ctx: &Ctx, n: usize) -> anyhow::Result<Report> {
         child_pids: None,
         cpu_per_node_s: None,
         rss_per_node_bytes: None,
+        wall_runs_s: Vec::new(),
     })
 }
 

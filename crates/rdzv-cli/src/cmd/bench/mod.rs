@@ -13,6 +13,8 @@
 //!   round (the crash, the leave, the newcomer's call) to the moment every participant has its
 //!   rank; `last_join_to_ranked_s`: from the last participant's call to then;
 //! - `p50_s`, `p99_s`: per-participant latency from its own call to its result;
+//! - `wall_runs_s`: with `--runs`, the line gives medians; this is every run's `wall_s`,
+//!   sorted (in the table, on a line below);
 //! - `overloaded`: requests etcd refused with its backpressure (`too many requests`), retried;
 //! - `requests`, `requests_per_node`, `watch_creates`, `watch_events`, `keep_alives`: what the
 //!   participants' clients really sent and received during the round (counted by
@@ -492,6 +494,9 @@ async fn bench(args: BenchArgs, profiler: Option<profile::Profiler>) -> anyhow::
                         writeln!(out, "{}", serde_json::to_string(&report)?)?;
                     } else {
                         writeln!(out, "{}", table_row(&report))?;
+                        if let Some(row) = runs_row(&report) {
+                            writeln!(out, "{row}")?;
+                        }
                         if let Some(p) = &report.phases {
                             writeln!(out, "{}", phases_row(p))?;
                         }

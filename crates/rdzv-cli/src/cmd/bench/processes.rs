@@ -158,6 +158,7 @@ impl Outcome {
             child_pids: None,
             cpu_per_node_s: Some(used.cpu_s / participants as f64),
             rss_per_node_bytes: Some(used.peak_rss_bytes / participants as u64),
+            wall_runs_s: Vec::new(),
         })
     }
 }

@@ -66,6 +66,8 @@ pub(super) struct Report {
     /// `--processes`: the sum of the children's peak resident sets (`peak_rss_bytes`) per node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) rss_per_node_bytes: Option<u64>,
+    /// `wall_s` of every run whose median this line is, sorted (filled by [`median_report`]).
+    pub(super) wall_runs_s: Vec<f64>,
 }
 
 pub(super) fn table_header() -> String {
@@ -134,6 +136,14 @@ pub(super) fn idle_row(r: &Report) -> String {
         r.watch_events,
         per_s(r.cpu_s) * 100.0,
     )
+}
+
+/// The wall time of each run, sorted: how much the median hides (only with several runs).
+pub(super) fn runs_row(r: &Report) -> Option<String> {
+    (r.wall_runs_s.len() > 1).then(|| {
+        let walls: Vec<String> = r.wall_runs_s.iter().map(|w| format!("{w:.3}")).collect();
+        format!("  runs: wall_s {} (sorted)", walls.join(" "))
+    })
 }
 
 pub(super) fn phases_row(p: &profile::Phases) -> String {
@@ -208,6 +218,8 @@ pub(super) fn median_u64(mut values: Vec<u64>) -> u64 {
 /// Per-field medians of several measurements of the same thing.
 pub(super) fn median_report(reports: Vec<Report>) -> Report {
     let mut out = reports[reports.len() / 2].clone();
+    out.wall_runs_s = reports.iter().map(|r| r.wall_s).collect();
+    out.wall_runs_s.sort_by(f64::total_cmp);
     if reports.len() == 1 {
         return out;
     }

@@ -385,6 +385,7 @@ impl Measured<'_> {
             child_pids: None,
             cpu_per_node_s: None,
             rss_per_node_bytes: None,
+            wall_runs_s: Vec::new(),
         })
     }
 }
@@ -895,6 +896,7 @@ pub(super) async fn measure_idle(ctx: &Ctx, n: usize) -> anyhow::Result<Report> 
             child_pids: None,
             cpu_per_node_s: None,
             rss_per_node_bytes: None,
+            wall_runs_s: Vec::new(),
         })
     }
     .await;
