@@ -498,21 +498,24 @@ impl EtcdRendezvousHandler {
                 *deadline = (*deadline).max(Instant::now() + self.settings.timeout);
             }
             if let Some(record) = view.final_record.take() {
-                let key = k.assign(round, &me);
-                let side = if record.all_ranked && w.revision <= record.members_revision {
-                    // Ranked: our assignment was written with `final` or before it, on this
-                    // stream, whose messages of one revision come one after the other.
-                    let token = record.token.as_bytes();
-                    let ours = |kv: &KeyValue| {
-                        decode::<Assignment>(kv.key(), kv.value())
-                            .is_ok_and(|a| a.token.as_bytes() == token)
-                    };
-                    let until = Instant::now() + ASSIGNMENT_IN_FLIGHT;
-                    watch.await_side(key.as_bytes(), until, ours).await
+                // Ranked, our assignment was written with `final` or before it, on this
+                // stream, whose messages of one revision come one after the other: wait for
+                // it. Otherwise take what has come.
+                let ranked = record.all_ranked && w.revision <= record.members_revision;
+                let wait = if ranked {
+                    ASSIGNMENT_IN_FLIGHT
                 } else {
-                    watch.absorb_ready();
-                    watch.side_value(key.as_bytes()).cloned()
+                    Duration::ZERO
                 };
+                let token = record.token.as_bytes();
+                let ours = |kv: &KeyValue| {
+                    decode::<Assignment>(kv.key(), kv.value())
+                        .is_ok_and(|a| a.token.as_bytes() == token)
+                };
+                let key = k.assign(round, &me);
+                let side = watch
+                    .await_side(key.as_bytes(), Instant::now() + wait, ours)
+                    .await;
                 return self
                     .read_assignment(record, side.as_ref())
                     .await

@@ -171,12 +171,7 @@ impl RangeWatch {
     ) -> Result<Self, RendezvousError> {
         let (start, end) = (start.into(), end.into());
         if let Some(mut stream) = self.stream {
-            let mut options = WatchOptions::new()
-                .with_range(end.clone())
-                .with_start_revision(from_revision.max(1));
-            if prev_kv {
-                options = options.with_prev_kv();
-            }
+            let options = range_options(end.clone(), from_revision.max(1), prev_kv);
             self.client.stats().count_request();
             self.client.stats().count_watch_create();
             if stream.add_watch(start.clone(), options).await.is_ok() {
@@ -286,12 +281,7 @@ impl RangeWatch {
     }
 
     async fn reopen(&mut self) -> Result<(), RendezvousError> {
-        let mut options = WatchOptions::new()
-            .with_range(self.end.clone())
-            .with_start_revision(self.next_revision);
-        if self.prev_kv {
-            options = options.with_prev_kv();
-        }
+        let options = range_options(self.end.clone(), self.next_revision, self.prev_kv);
         self.stream = Some(
             self.client
                 .watch(self.start.clone(), Some(options))
@@ -388,5 +378,18 @@ impl RangeWatch {
                 }
             }
         }
+    }
+}
+
+/// The options of a watch on `[start, end)` from `from_revision`, with previous values if
+/// `prev_kv`.
+fn range_options(end: Vec<u8>, from_revision: i64, prev_kv: bool) -> WatchOptions {
+    let options = WatchOptions::new()
+        .with_range(end)
+        .with_start_revision(from_revision);
+    if prev_kv {
+        options.with_prev_kv()
+    } else {
+        options
     }
 }

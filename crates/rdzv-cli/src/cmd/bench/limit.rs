@@ -18,7 +18,8 @@ use super::*;
 use rdzv::etcd::api::{PutOptions, Txn, TxnOp, WatchOptions, WatchStream};
 use rdzv::etcd::backoff::Backoff;
 use report::{
-    etcd_requests_since, peak_rss_bytes, percentile, pid_cpu_s, process_cpu_s, sum_stats, Usage,
+    etcd_cpu_since, etcd_requests_since, peak_rss_bytes, percentile, process_cpu_s, sum_stats,
+    Usage,
 };
 
 /// The size of each client's value: about a join record's.
@@ -177,10 +178,7 @@ pub(super) async fn measure(ctx: &Ctx, n: usize) -> anyhow::Result<Report> {
     let wall_s = txn_s + watch_s + notify_s + range_s;
     let used = sum_stats(&clients).since(&usage.stats);
     let cpu_s = process_cpu_s() - usage.cpu_s;
-    let etcd_cpu_s = match (ctx.etcd_pid.and_then(pid_cpu_s), usage.etcd_cpu_s) {
-        (Some(now), Some(then)) => Some(now - then),
-        _ => None,
-    };
+    let etcd_cpu_s = etcd_cpu_since(ctx, usage.etcd_cpu_s);
     let etcd_requests = etcd_requests_since(ctx, usage.etcd_counters.as_ref()).await;
     // Leave nothing behind.
     let _ = clients[0]

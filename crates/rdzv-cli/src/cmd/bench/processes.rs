@@ -113,10 +113,7 @@ struct Outcome {
 
 impl Outcome {
     async fn report(self, ctx: &Ctx) -> anyhow::Result<Report> {
-        let etcd_cpu_s = match (ctx.etcd_pid.and_then(pid_cpu_s), self.before.etcd_cpu_s) {
-            (Some(now), Some(then)) => Some(now - then),
-            _ => None,
-        };
+        let etcd_cpu_s = etcd_cpu_since(ctx, self.before.etcd_cpu_s);
         let etcd_requests = etcd_requests_since(ctx, self.before.etcd_counters.as_ref()).await;
         let participants = self.results.len();
         let round = check_ranks(&self.results, participants)?;

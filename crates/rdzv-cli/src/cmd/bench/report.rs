@@ -319,6 +319,12 @@ pub(super) fn pid_cpu_s(pid: u32) -> Option<f64> {
     (ticks > 0).then(|| (utime + stime) / ticks as f64)
 }
 
+/// The CPU the etcd this command started has used since it had used `then` (absent with
+/// `--rdzv-endpoint`, or when unreadable).
+pub(super) fn etcd_cpu_since(ctx: &Ctx, then: Option<f64>) -> Option<f64> {
+    Some(ctx.etcd_pid.and_then(pid_cpu_s)? - then?)
+}
+
 /// This process's peak resident set (VmHWM), in bytes.
 pub(super) fn peak_rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

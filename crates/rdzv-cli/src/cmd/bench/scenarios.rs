@@ -338,10 +338,7 @@ impl Measured<'_> {
         .await;
         let used = sum_stats(&self.group.clients).since(&self.usage.stats);
         let cpu_s = process_cpu_s() - self.usage.cpu_s;
-        let etcd_cpu_s = match (self.ctx.etcd_pid.and_then(pid_cpu_s), self.usage.etcd_cpu_s) {
-            (Some(now), Some(then)) => Some(now - then),
-            _ => None,
-        };
+        let etcd_cpu_s = etcd_cpu_since(self.ctx, self.usage.etcd_cpu_s);
         let peak_rss = peak_rss_bytes();
         let etcd_requests = etcd_requests_since(self.ctx, self.usage.etcd_counters.as_ref()).await;
         let t = Timing::of(&self.results, self.trigger, self.usage.at, &self.reacting);
@@ -447,6 +444,23 @@ pub(super) async fn measure_full(ctx: &Ctx, n: usize) -> anyhow::Result<Report> 
     measure_one_round(ctx, n, Scenario::Full, n, n, 0.0).await
 }
 
+/// The handlers of `n` nodes of a new run with these bounds (`--connections` shared, if
+/// given).
+async fn one_group(
+    ctx: &Ctx,
+    scenario: Scenario,
+    n: usize,
+    min: usize,
+    max: usize,
+    last_call: f64,
+) -> anyhow::Result<Group> {
+    let run_id = fresh_run_id(ctx, scenario, n);
+    let params = params_for(ctx, &run_id, min, max, last_call)?;
+    let k = ctx.connections.unwrap_or(n).min(n);
+    let label = format!("{} N={n}: setting up", scenario.name());
+    Group::create(ctx, &params, n, k, &label).await
+}
+
 /// N nodes, all starting together, form one round with these bounds.
 pub(super) async fn measure_one_round(
     ctx: &Ctx,
@@ -457,10 +471,7 @@ pub(super) async fn measure_one_round(
     last_call: f64,
 ) -> anyhow::Result<Report> {
     let name = scenario.name();
-    let run_id = fresh_run_id(ctx, scenario, n);
-    let params = params_for(ctx, &run_id, min, max, last_call)?;
-    let k = ctx.connections.unwrap_or(n).min(n);
-    let group = Group::create(ctx, &params, n, k, &format!("{name} N={n}: setting up")).await?;
+    let group = one_group(ctx, scenario, n, min, max, last_call).await?;
     let result = async {
         let (go_tx, go) = watch::channel(false);
         let mut set = spawn_at_signal(&group.handlers, &go);
@@ -791,10 +802,7 @@ async fn steady_round(
 }
 
 pub(super) async fn measure_exit(ctx: &Ctx, n: usize) -> anyhow::Result<Report> {
-    let run_id = fresh_run_id(ctx, Scenario::Exit, n);
-    let params = params_for(ctx, &run_id, n, n, 0.0)?;
-    let k = ctx.connections.unwrap_or(n).min(n);
-    let group = Group::create(ctx, &params, n, k, &format!("exit N={n}: setting up")).await?;
+    let group = one_group(ctx, Scenario::Exit, n, n, n, 0.0).await?;
     let result = async {
         let (round, _) = steady_round(ctx, &group, n, "exit").await?;
         let usage = Usage::start(ctx, &group.clients).await;
@@ -843,10 +851,7 @@ pub(super) async fn measure_exit(ctx: &Ctx, n: usize) -> anyhow::Result<Report> 
 /// job. Nothing should happen in it: a watch event or a request other than a renewal would be
 /// churn, and the line shows it.
 pub(super) async fn measure_idle(ctx: &Ctx, n: usize) -> anyhow::Result<Report> {
-    let run_id = fresh_run_id(ctx, Scenario::Idle, n);
-    let params = params_for(ctx, &run_id, n, n, 0.0)?;
-    let k = ctx.connections.unwrap_or(n).min(n);
-    let group = Group::create(ctx, &params, n, k, &format!("idle N={n}: setting up")).await?;
+    let group = one_group(ctx, Scenario::Idle, n, n, n, 0.0).await?;
     let result = async {
         let (_, round) = steady_round(ctx, &group, n, "idle").await?;
         let usage = Usage::start(ctx, &group.clients).await;
@@ -854,10 +859,7 @@ pub(super) async fn measure_idle(ctx: &Ctx, n: usize) -> anyhow::Result<Report> 
         tokio::time::sleep(window).await;
         let used = sum_stats(&group.clients).since(&usage.stats);
         let cpu_s = process_cpu_s() - usage.cpu_s;
-        let etcd_cpu_s = match (ctx.etcd_pid.and_then(pid_cpu_s), usage.etcd_cpu_s) {
-            (Some(now), Some(then)) => Some(now - then),
-            _ => None,
-        };
+        let etcd_cpu_s = etcd_cpu_since(ctx, usage.etcd_cpu_s);
         let wall_s = usage.at.elapsed().as_secs_f64();
         let etcd_requests = etcd_requests_since(ctx, usage.etcd_counters.as_ref()).await;
         Ok(Report {
